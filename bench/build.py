@@ -1,0 +1,184 @@
+"""Build and boot benchmark: corehost's server-core image against a bare DIB image.
+
+In one run, on this machine, with DIB's debootstrap tarball warm for both sides:
+
+* cold build:  `corehost build profiles/server-core.yaml --force`
+* no-change rebuild:  `corehost build profiles/server-core.yaml` (reuses the last build)
+* peer:  `disk-image-create debian-minimal vm` with the same package list (every
+  package the profile's elements and the profile itself install), plus the one file a
+  bare image needs to be reachable at all (systemd-networkd DHCP; debian-minimal brings
+  no network configuration);
+* image size of both qcow2 files;
+* boot under TCG (same QEMU options for both): seconds until sshd answers with its
+  banner, and for server-core until systemd reports hvagent.service started.
+
+Prints the figures and the ratios against the peer, with the targets.
+Run as root: `.venv/bin/python bench/build.py` (takes many minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from builder import dib, qemu
+from builder.paths import elements_dir, repo_root
+from builder.profile import Profile, load
+from builder.render import element_closure
+
+TARGET_COLD = 1.10
+TARGET_SIZE = 0.55
+TARGET_BOOT = 1.20
+# systemd's status line on the serial console once the agent's unit is active.
+AGENT_STARTED = "Started hvagent.service"
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> float:
+    say("$ " + " ".join(cmd))
+    start = time.monotonic()
+    with open(log or os.devnull, "w") as out:
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              cwd=repo_root())
+    took = time.monotonic() - start
+    if proc.returncode != 0:
+        sys.exit(f"bench: {cmd[0]} failed (exit {proc.returncode}); log: {log}")
+    say(f"  {took:.1f}s")
+    return took
+
+
+def package_list(profile: Profile) -> list[str]:
+    """Every package the profile's own elements install, then the profile's own."""
+    pkgs: list[str] = []
+    ours = elements_dir().resolve()
+    for element in element_closure(profile.elements):
+        f = element / "package-installs.yaml"
+        if element.resolve().parent != ours or not f.is_file():
+            continue
+        for name, opts in (yaml.safe_load(f.read_text()) or {}).items():
+            if not (opts or {}).get("uninstall"):
+                pkgs.append(name)
+    pkgs += profile.packages
+    return list(dict.fromkeys(p for p in pkgs if p not in profile.packages_removed))
+
+
+def bare_network_element(root: Path) -> Path:
+    """A one-file element: DHCP on every wired NIC, so the peer's sshd is reachable."""
+    el = root / "bench-bare-network"
+    (el / "static/etc/systemd/network").mkdir(parents=True)
+    (el / "install.d").mkdir()
+    (el / "element-deps").write_text("install-static\n")
+    (el / "static/etc/systemd/network/80-dhcp.network").write_text(
+        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
+    script = el / "install.d/60-bench-networkd"
+    script.write_text("#!/bin/bash\nset -eu -o pipefail\n"
+                      "systemctl enable systemd-networkd.service\n")
+    script.chmod(0o755)
+    return root
+
+
+def build_bare(profile: Profile, work: Path) -> tuple[float, Path]:
+    mirror, security = dib.host_mirrors(profile.release)
+    env = {
+        **os.environ,
+        "ELEMENTS_PATH": str(bare_network_element(work / "elements")),
+        "DIB_RELEASE": profile.release,
+        "DIB_DISTRIBUTION_MIRROR": mirror,
+        "DIB_DEBIAN_SECURITY_MIRROR": security,
+        "DIB_IMAGE_CACHE": str(dib.image_cache_dir()),
+        "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
+        "DIB_DEBOOTSTRAP_CACHE": "1",
+        "PATH": f"{Path(dib.dib_executable()).parent}:{os.environ.get('PATH', '')}",
+    }
+    out = work / "bare"
+    cmd = [dib.dib_executable(), "-t", "qcow2", "-o", str(out)]
+    if profile.image_size_gb:
+        cmd += ["--image-size", profile.image_size_gb]
+    cmd += ["-p", ",".join(package_list(profile)), "debian-minimal", "vm", "bench-bare-network"]
+    took = timed(cmd, env=env, log=work / "bare-dib.log")
+    return took, out.with_suffix(".qcow2")
+
+
+def wait_for_sshd(machine: qemu.Machine, timeout: float = 600.0) -> float:
+    """Seconds until the guest's sshd sends its banner through the forwarded port (QEMU
+    user networking accepts the TCP connection even before the guest listens)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if not machine.running:
+            raise qemu.BootError("QEMU exited before sshd answered")
+        try:
+            with socket.create_connection(("127.0.0.1", machine.ssh_port), timeout=2) as s:
+                s.settimeout(3)
+                if s.recv(64).startswith(b"SSH-"):
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise qemu.BootError(f"no sshd banner after {timeout:.0f}s:\n{machine.serial_tail()}")
+
+
+def boot(image: Path, agent: bool) -> tuple[float, float | None]:
+    opts = qemu.BootOptions(image=image, accel="tcg", snapshot=True, no_reboot=True)
+    with qemu.Machine(opts) as machine:
+        ssh = wait_for_sshd(machine)
+        started = machine.wait_for_serial(AGENT_STARTED) if agent else None
+    say(f"  boot {image.name}: sshd {ssh:.1f}s"
+        + (f", hvagent active {started:.1f}s" if started is not None else ""))
+    return ssh, started
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--profile", default="profiles/server-core.yaml")
+    args = ap.parse_args()
+    profile = load(args.profile)
+    corehost = str(Path(sys.executable).parent / "corehost")
+    image = repo_root() / "out" / profile.name / f"{profile.name}.qcow2"
+    tarball = dib.image_cache_dir() / f"debootstrap-debian-{profile.release}-amd64.tar.gz"
+
+    with tempfile.TemporaryDirectory(prefix="corehost-bench-") as tmp:
+        work = Path(tmp)
+        if not tarball.is_file() or not image.is_file():
+            say("warming DIB's debootstrap cache (not measured)")
+            timed([corehost, "build", args.profile], log=work / "warm.log")
+        cold = timed([corehost, "build", args.profile, "--force"], log=work / "cold.log")
+        nochange = timed([corehost, "build", args.profile], log=work / "nochange.log")
+        bare_build, bare_image = build_bare(profile, work)
+        size, bare_size = image.stat().st_size, bare_image.stat().st_size
+        ours_ssh, ours_agent = boot(image, agent=True)
+        bare_ssh, _ = boot(bare_image, agent=False)
+        shutil.copy2(work / "bare-dib.log", work / "kept.log")  # readable until exit
+
+    assert ours_agent is not None
+    mib = 1024 * 1024
+    rows = [
+        ("cold build (s)", cold, bare_build, TARGET_COLD),
+        ("no-change rebuild (s)", nochange, bare_build, None),
+        ("image size (MiB)", size / mib, bare_size / mib, TARGET_SIZE),
+        ("boot to sshd (s, TCG)", ours_ssh, bare_ssh, TARGET_BOOT),
+        ("boot to hvagent active (s, TCG)", ours_agent, bare_ssh, TARGET_BOOT),
+    ]
+    print(f"\n{'':34}{'server-core':>12}{'bare DIB':>10}{'ratio':>8}  target")
+    for what, ours, peer, target in rows:
+        ratio = ours / peer
+        verdict = "" if target is None else f"<= {target:.2f}x " + (
+            "ok" if ratio <= target else "MISSED")
+        print(f"{what:34}{ours:12.1f}{peer:10.1f}{ratio:7.2f}x  {verdict}")
+    print(f"\npeer: disk-image-create debian-minimal vm -p {','.join(package_list(profile))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Lifecycle benchmark: hvagent against libvirt, same tiny guest, same run.
+
+For each side and round: create (define) -> start -> [guest boots: waited for, not
+counted] -> stop (ACPI power-off, until QEMU is gone) -> delete. Prints per-phase
+medians, the create+start+stop+delete total and the ratio hvagent/libvirt, then the idle
+RSS of hvagent against libvirtd + virtlogd (no VMs defined, after the runs).
+
+libvirt is only the peer of this benchmark, never a dependency of the product or CI:
+when missing, Debian's libvirt-daemon-system and python3-libvirt are installed here and
+`virtlogd -d` / `libvirtd -d` are started (and stopped again) by this script. The
+libvirt side runs under Debian's /usr/bin/python3, where python3-libvirt lives.
+
+Usage: python bench/lifecycle.py [--rounds N]   (as root; QEMU under TCG or KVM)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+import tinyguest  # noqa: E402
+
+PHASES = ("create", "start", "stop", "delete")
+MEMORY_MIB = 256
+Runs = list[dict[str, float]]
+
+
+def say(msg: str) -> None:
+    print(f"[lifecycle] {msg}", flush=True)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pids_named(name: str) -> list[int]:
+    out = subprocess.run(["pidof", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def wait_for(path: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if text in path.read_text(errors="replace"):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{path}: {text!r} did not appear in {timeout}s")
+
+
+# hvagent side
+
+
+def bench_hvagent(guest: tinyguest.TinyGuest, work: Path, rounds: int) -> tuple[Runs, int]:
+    root = work / "hvagent"
+    root.mkdir()
+    cfg = root / "hvagent.yaml"
+    sock = root / "hv.sock"
+    cfg.write_text(json.dumps({
+        "listen": str(sock), "state_dir": str(root / "state"),
+        "storage_dir": str(root / "images"), "run_dir": str(root / "run"),
+        "log_dir": str(root / "log"), "accel": "auto"}))
+    log = (root / "agent.log").open("wb")
+    agent = subprocess.Popen([sys.executable, "-m", "hvagent.cli.hvagent", "serve",
+                              "--config", str(cfg)], stdout=log, stderr=log)
+    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
+                          base_url="http://hvagent/api/v1", timeout=120)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.get("/agent").status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or agent.poll() is not None:
+                    raise RuntimeError("hvagent did not start") from None
+                time.sleep(0.1)
+
+        def call(method: str, path: str, **kw: Any) -> Any:
+            r = client.request(method, path, **kw)
+            r.raise_for_status()
+            return r.json()
+
+        results = []
+        for i in range(rounds):
+            name = f"bench{i}"
+            t: dict[str, float] = {}
+            t0 = time.perf_counter()
+            call("POST", "/vms", json={
+                "name": name, "vcpus": 1, "memory_mib": MEMORY_MIB,
+                "kernel": str(guest.kernel), "initrd": str(guest.initrd),
+                "append": guest.append(), "nics": [{"network": "user"}]})
+            t["create"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            vm = call("POST", f"/vms/{name}/start")
+            t["start"] = time.perf_counter() - t0
+            wait_for(Path(vm["serial_log"]), tinyguest.BOOT_MARKER)
+            t0 = time.perf_counter()
+            vm = call("POST", f"/vms/{name}/stop", json={"timeout": 60})
+            t["stop"] = time.perf_counter() - t0
+            assert vm["state"] == "stopped" and vm["last_error"] is None, vm
+            t0 = time.perf_counter()
+            call("DELETE", f"/vms/{name}")
+            t["delete"] = time.perf_counter() - t0
+            results.append(t)
+            say(f"hvagent round {i + 1}: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()))
+        time.sleep(2)  # idle
+        return results, rss_kib(agent.pid)
+    finally:
+        client.close()
+        agent.terminate()
+        agent.wait(timeout=30)
+
+
+# libvirt side (runs under Debian's python3 with python3-libvirt)
+
+LIBVIRT_SCRIPT = r'''
+import json, sys, time
+import libvirt
+
+cfg = json.loads(sys.argv[1])
+conn = libvirt.open("qemu:///system")
+ports = "".join(
+    f"<controller type='pci' index='{i + 1}' model='pcie-root-port'/>" for i in range(8))
+results = []
+for i in range(cfg["rounds"]):
+    name = f"hvbench-{cfg['tag']}-{i}"
+    log = f"{cfg['logdir']}/{name}.serial.log"
+    xml = f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{cfg['memory']}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{cfg['kernel']}</kernel><initrd>{cfg['initrd']}</initrd>
+    <cmdline>{cfg['append']}</cmdline></os>
+  <features><acpi/></features>
+  <cpu mode='custom' match='exact'><model fallback='forbid'>qemu64</model>
+    <feature policy='require' name='svm'/></cpu>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='pci' index='0' model='pcie-root'/>{ports}
+    <interface type='user'><model type='virtio'/></interface>
+    <serial type='file'><source path='{log}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+    t = {}
+    t0 = time.perf_counter()
+    dom = conn.defineXML(xml)
+    t["create"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dom.create()
+    t["start"] = time.perf_counter() - t0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if cfg["marker"] in open(log, errors="replace").read():
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise SystemExit(f"{name}: guest did not boot")
+    t0 = time.perf_counter()
+    dom.shutdown()
+    while dom.isActive():
+        time.sleep(0.05)
+    t["stop"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dom.undefine()
+    t["delete"] = time.perf_counter() - t0
+    results.append(t)
+    print("round " + json.dumps(t), file=sys.stderr, flush=True)
+print(json.dumps(results))
+'''
+
+
+def ensure_libvirt() -> None:
+    have = (shutil.which("libvirtd") and subprocess.run(
+        ["/usr/bin/python3", "-c", "import libvirt"], capture_output=True).returncode == 0)
+    if have:
+        return
+    say("installing libvirt-daemon-system python3-libvirt (benchmark peer only)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                    "libvirt-daemon-system", "python3-libvirt"], check=True, env=env)
+
+
+def start_libvirt() -> list[int]:
+    """Start virtlogd and libvirtd unless they run; returns the pids this script started."""
+    started = []
+    for daemon in ("virtlogd", "libvirtd"):
+        if pids_named(daemon):
+            continue
+        before = set(pids_named(daemon))
+        subprocess.run([daemon, "-d"], check=True)
+        deadline = time.monotonic() + 30
+        while not (set(pids_named(daemon)) - before) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started += list(set(pids_named(daemon)) - before)
+    # libvirtd answers once its socket is up
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if subprocess.run(["/usr/bin/python3", "-c",
+                           "import libvirt; libvirt.open('qemu:///system').close()"],
+                          capture_output=True).returncode == 0:
+            break
+        time.sleep(0.3)
+    return started
+
+
+def bench_libvirt(guest: tinyguest.TinyGuest, work: Path, rounds: int) -> tuple[Runs, int]:
+    logdir = work / "libvirt"
+    logdir.mkdir(mode=0o777)
+    logdir.chmod(0o777)  # QEMU may run as libvirt-qemu
+    cfg = {"rounds": rounds, "tag": str(os.getpid()), "logdir": str(logdir),
+           "memory": MEMORY_MIB, "kernel": str(guest.kernel), "initrd": str(guest.initrd),
+           "append": guest.append(), "marker": tinyguest.BOOT_MARKER}
+    r = subprocess.run(["/usr/bin/python3", "-c", LIBVIRT_SCRIPT, json.dumps(cfg)],
+                       stdout=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("libvirt side failed (see above)")
+    results = json.loads(r.stdout)
+    for i, t in enumerate(results):
+        say(f"libvirt round {i + 1}: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()))
+    time.sleep(2)  # idle
+    rss = sum(rss_kib(p) for d in ("libvirtd", "virtlogd") for p in pids_named(d))
+    return results, rss
+
+
+def median(results: list[dict[str, float]], key: str) -> float:
+    if key == "total":
+        return statistics.median(sum(t[p] for p in PHASES) for t in results)
+    return statistics.median(t[key] for t in results)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
+    work.chmod(0o755)
+    started: list[int] = []
+    try:
+        guest = tinyguest.build(work / "guest")
+        (work / "guest").chmod(0o755)
+        (work / "guest" / "tiny-initrd.gz").chmod(0o644)
+        say(f"hvagent: {args.rounds} rounds")
+        hv, hv_rss = bench_hvagent(guest, work, args.rounds)
+        ensure_libvirt()
+        started = start_libvirt()
+        say(f"libvirt: {args.rounds} rounds")
+        lv, lv_rss = bench_libvirt(guest, work, args.rounds)
+    finally:
+        for pid in started:
+            os.kill(pid, signal.SIGTERM)
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"{'phase (median s)':<18}{'hvagent':>10}{'libvirt':>10}{'ratio':>8}")
+    for key in (*PHASES, "total"):
+        a, b = median(hv, key), median(lv, key)
+        print(f"{key:<18}{a:>10.3f}{b:>10.3f}{a / b:>8.2f}")
+    print(f"{'idle RSS (MiB)':<18}{hv_rss / 1024:>10.1f}{lv_rss / 1024:>10.1f}"
+          f"{hv_rss / lv_rss:>8.2f}   (libvirt = libvirtd + virtlogd)")
+    print(f"targets: total ratio <= 0.5 ({median(hv, 'total') / median(lv, 'total'):.2f}), "
+          f"RSS ratio <= 0.5 ({hv_rss / lv_rss:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

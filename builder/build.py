@@ -1,0 +1,136 @@
+"""One image build, start to finish, all-or-nothing.
+
+Work happens in a temp dir under the output root (same file system); the finished
+directory replaces out/<profile>/ by rename only when everything succeeded, so a failed
+or interrupted build leaves the previous output untouched. When the input hash equals
+the last successful build's (and its artifacts are intact) the build is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from builder import dib, hostcompat, outputs, render
+from builder.paths import display
+from builder.profile import Profile
+
+
+class BuildError(Exception):
+    """A build that could not finish; the message names the failing step."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    outdir: Path
+    reused: bool
+    manifest: dict[str, Any]
+
+
+def plan(profile: Profile) -> tuple[list[Path], bool, outputs.Inputs]:
+    """(element closure, whether the agent wheels are needed, input hash)."""
+    try:
+        closure = render.element_closure([*profile.elements, render.OVERLAY_DEPS])
+    except render.RenderError as e:
+        raise profile.error("elements", str(e)) from None
+    with_agent = any(p.name == "hvagent" for p in closure)
+    return closure, with_agent, outputs.input_hash(profile, closure, render.agent_source_hash())
+
+
+def dry_run_command(profile: Profile, out_root: Path) -> dib.DibCommand:
+    build_dir = out_root.resolve() / f".{profile.name}.build-XXXXXXXX"
+    return dib.dib_command(profile, build_dir / "elements", build_dir / "dib" / profile.name)
+
+
+@contextlib.contextmanager
+def _lock(out_root: Path, name: str) -> Iterator[None]:
+    with open(out_root / f".{name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"another build of {name} is running in {display(out_root)}") from None
+        yield
+
+
+def build(profile: Profile, out_root: Path, *, force: bool = False,
+          progress: dib.Progress | None = None) -> BuildResult:
+    out_root.mkdir(parents=True, exist_ok=True)
+    out_root = out_root.resolve()  # DIB changes directories; give it absolute paths
+    final = out_root / profile.name
+    progress = progress or dib.Progress(f"build {profile.name}")
+    with _lock(out_root, profile.name):
+        closure, with_agent, inputs = plan(profile)
+        if not force:
+            ok, why = outputs.reusable(final, inputs)
+            if ok:
+                manifest = outputs.read_manifest(final) or {}
+                return BuildResult(final, True, manifest)
+            progress.note(f"building {profile.name}: {why}")
+        started = time.monotonic()
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{profile.name}.build-"))
+        try:
+            wheels = render.build_wheelhouse(inputs.parts["agent_source"]) if with_agent else None
+            elements_root = render.render_overlay(profile, tmp, wheels)
+            result = tmp / "result"
+            result.mkdir()
+            (tmp / "dib").mkdir()
+            dib_base = tmp / "dib" / profile.name
+            cmd = dib.dib_command(profile, elements_root, dib_base)
+            log_path = result / "dib.log"
+            kpartx = hostcompat.ensure_kpartx()
+            progress.note(f"disk-image-create: {' '.join(profile.elements)} (kpartx: {kpartx})")
+            try:
+                with progress:
+                    dib.run_dib(cmd, log_path, progress)
+            except dib.DibFailed as e:
+                kept = out_root / f"{profile.name}.failed.log"
+                shutil.copyfile(log_path, kept)
+                raise BuildError(f"{e}; full log: {display(kept)}") from None
+            progress.note("converting outputs and writing manifest.json")
+            try:
+                artifacts = outputs.produce(profile, Path(f"{dib_base}.qcow2"), result)
+            except outputs.OutputError as e:
+                raise BuildError(str(e)) from None
+            manifest = {
+                "profile": profile.to_dict(),
+                "elements": [p.name for p in closure],
+                "packages": outputs.read_dpkg_manifest(dib_base),
+                "artifacts": artifacts,
+                "build": {
+                    "started": started_at,
+                    "duration_s": round(time.monotonic() - started, 1),
+                    "diskimage_builder": version("diskimage-builder"),
+                    "kpartx": kpartx,
+                    "command": cmd.argv[1:],
+                    "environment": {k: v for k, v in cmd.env.items() if k.startswith("DIB_")},
+                },
+                "input_hash": inputs.digest,
+                "inputs": inputs.parts,
+            }
+            outputs.write_manifest(result, manifest)
+            _replace_dir(result, final)
+            (out_root / f"{profile.name}.failed.log").unlink(missing_ok=True)
+            return BuildResult(final, False, manifest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put new in final's place; the old directory is removed only after the swap."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{int(time.time())}")
+        final.rename(old)
+    new.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,265 @@
+"""The `corehost` command: profiles, build, boot, test.
+
+User mistakes (a bad profile, a missing image, a bad argument) print one line and exit 2;
+a build or boot that fails for another reason exits 1 and names the failing step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from builder import build as build_mod
+from builder import dib, qemu, render
+from builder.paths import display, image_tests_dir, profiles_dir, repo_root
+from builder.profile import Profile, ProfileError, list_profiles, load
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; exit 2."""
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corehost", description="Build and boot corehost images.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("profiles", help="list the profiles")
+    s.add_argument("--dir", type=Path, default=None, help="profile directory (default profiles/)")
+
+    s = sub.add_parser("build", help="build a profile into OUT/<profile>/")
+    s.add_argument("profile", help="profile name or path to its YAML file")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the resolved profile and the DIB command line; build nothing")
+    s.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    s.add_argument("--out", type=Path, default=None, help="output root (default out/)")
+
+    for name, helptext in (("boot", "boot an image headless until Ctrl-C"),
+                           ("test", "boot an image and run tests/image/ against it")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("image", type=Path)
+        s.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+        s.add_argument("--memory", type=_positive, default=2048, metavar="MIB")
+        s.add_argument("--cpus", type=_positive, default=2, metavar="N")
+        s.add_argument("--serial-log", type=Path, default=None, metavar="FILE",
+                       help="where the serial console goes (default: a temp file)")
+        s.add_argument("--timeout", type=_positive, default=600, metavar="S",
+                       help="seconds to wait for ssh")
+        if name == "boot":
+            s.add_argument("--ssh-key", type=Path, default=None, metavar="PUB",
+                           help="public key handed to the guest via fw_cfg (test-access images)")
+            s.add_argument("--snapshot", action="store_true",
+                           help="throw writes away (the image file stays unchanged)")
+            s.add_argument("--no-console", action="store_true",
+                           help="do not copy the serial console to the terminal")
+        else:
+            s.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                           help="after --: extra pytest arguments")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return int(COMMANDS[args.command](args))
+    except (ProfileError, UsageError, render.RenderError) as e:
+        print(f"corehost: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (build_mod.BuildError, qemu.BootError) as e:
+        print(f"corehost: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("corehost: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    directory = args.dir or profiles_dir()
+    if not directory.is_dir():
+        raise UsageError(f"{display(directory)}: no such profile directory")
+    rows = list_profiles(directory)
+    bad = 0
+    for file, p in rows:
+        if isinstance(p, ProfileError):
+            bad += 1
+            print(f"{file.stem:<16} ERROR {p}")
+            continue
+        parent = f"(extends {p.extends_chain[0]})" if p.extends_chain else ""
+        outs = ",".join(map(str, p.outputs))
+        print(f"{p.name:<16} {outs:<12} {parent:<24} {p.description}")
+    if not rows:
+        print(f"no profiles in {display(directory)}", file=sys.stderr)
+    return EXIT_USAGE if bad else 0
+
+
+# ---------------------------------------------------------------- build
+
+
+def _out_root(args: argparse.Namespace) -> Path:
+    return args.out if args.out is not None else Path("out")
+
+
+def _check_elements(profile: Profile) -> None:
+    for name in profile.elements:
+        if render.find_element(name) is None:
+            raise profile.error("elements", f"element {name!r} not found in "
+                                f"{display(render.element_search_path()[0])} or diskimage-builder")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    profile = load(args.profile)
+    _check_elements(profile)
+    out_root = _out_root(args)
+    if args.dry_run:
+        cmd = build_mod.dry_run_command(profile, out_root)
+        print("# resolved profile")
+        print(yaml.safe_dump(profile.to_dict(), sort_keys=False).rstrip())
+        print("\n# disk-image-create (environment set on top of the caller's)")
+        print(cmd.shell())
+        return 0
+    result = build_mod.build(profile, out_root, force=args.force,
+                             progress=dib.Progress(f"build {profile.name}"))
+    outdir = display(result.outdir)
+    if result.reused:
+        files = ", ".join(f"{outdir}/{a['file']}" for a in result.manifest["artifacts"].values())
+        print(f"{profile.name}: up to date, reusing {files} (--force rebuilds)")
+        return 0
+    took = result.manifest["build"]["duration_s"]
+    print(f"{profile.name}: built in {took:.0f}s")
+    for a in result.manifest["artifacts"].values():
+        print(f"  {outdir}/{a['file']}  {a['size'] / 2**20:.0f} MiB  sha256 {a['sha256'][:16]}…")
+    print(f"  {outdir}/manifest.json  {outdir}/dib.log")
+    return 0
+
+
+# ---------------------------------------------------------------- boot and test
+
+
+def _boot_options(args: argparse.Namespace, **extra: object) -> qemu.BootOptions:
+    if not args.image.is_file():
+        raise UsageError(f"{args.image}: no such image")
+    return qemu.BootOptions(image=args.image, accel=args.accel, memory=args.memory,
+                            cpus=args.cpus, serial_log=args.serial_log, **extra)  # type: ignore[arg-type]
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    if args.ssh_key is not None and not args.ssh_key.is_file():
+        raise UsageError(f"--ssh-key {args.ssh_key}: no such file")
+    machine = qemu.Machine(_boot_options(args, ssh_key=args.ssh_key, snapshot=args.snapshot))
+    print(f"accelerator: {machine.accel.accel} ({machine.accel.reason})", file=sys.stderr)
+    machine.start()
+    key = f"-i {args.ssh_key.with_suffix('')} " if args.ssh_key else ""
+    print(f"serial console: {machine.serial_log}\n"
+          f"ssh: ssh {key}-p {machine.ssh_port} -o StrictHostKeyChecking=no "
+          f"-o UserKnownHostsFile=/dev/null root@127.0.0.1\nCtrl-C powers the guest off",
+          file=sys.stderr, flush=True)
+    pos = 0
+    try:
+        while machine.running:
+            if not args.no_console:
+                pos = _copy_new(machine.serial_log, pos)
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        print("\npowering off…", file=sys.stderr, flush=True)
+    rc = machine.poweroff()
+    if not args.no_console:
+        _copy_new(machine.serial_log, pos)
+    print(f"QEMU exited ({rc})", file=sys.stderr)
+    return 0
+
+
+def _copy_new(path: Path, pos: int) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            data = f.read()
+    except OSError:
+        return pos
+    if data:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return pos + len(data)
+
+
+SSH_CONFIG = """\
+Host *
+  User root
+  IdentityFile {key}
+  IdentitiesOnly yes
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  LogLevel ERROR
+  BatchMode yes
+  ConnectTimeout 10
+  ControlMaster auto
+  ControlPath {control}
+  ControlPersist 120
+"""
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    tests = image_tests_dir()
+    if not tests.is_dir():
+        raise UsageError(f"{display(tests)}: no image tests found")
+    extra = [a for a in args.pytest_args if a != "--"]
+    with tempfile.TemporaryDirectory(prefix="corehost-test-") as tmp:
+        key = Path(tmp) / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "corehost-test",
+                        "-f", str(key)], check=True)
+        opts = _boot_options(args, ssh_key=key.with_suffix(".pub"), snapshot=True,
+                             no_reboot=True)
+        machine = qemu.Machine(opts)
+        print(f"accelerator: {machine.accel.accel} ({machine.accel.reason})", file=sys.stderr)
+        with machine:
+            print(f"booting {display(args.image)}; serial console: {machine.serial_log}",
+                  file=sys.stderr, flush=True)
+            took = machine.wait_for_ssh(key, timeout=args.timeout)
+            print(f"ssh ready on 127.0.0.1:{machine.ssh_port} after {took:.0f}s",
+                  file=sys.stderr, flush=True)
+            config = Path(tmp) / "ssh_config"
+            config.write_text(SSH_CONFIG.format(key=key, control=Path(tmp) / "cm-%C"))
+            cmd = [sys.executable, "-m", "pytest", str(tests),
+                   f"--hosts=ssh://root@127.0.0.1:{machine.ssh_port}",
+                   f"--ssh-config={config}", "-p", "no:cacheprovider", *extra]
+            env = {**os.environ, "COREHOST_IMAGE": str(args.image.resolve()),
+                   "COREHOST_SERIAL_LOG": str(machine.serial_log)}
+            rc = subprocess.run(cmd, cwd=repo_root(), env=env).returncode
+            # End the shared ssh connection before the guest goes away.
+            subprocess.run(["ssh", "-F", str(config), "-p", str(machine.ssh_port), "-O", "exit",
+                            "127.0.0.1"], capture_output=True)
+        print(f"image tests: pytest exit {rc}", file=sys.stderr)
+        return rc
+
+
+COMMANDS = {"profiles": cmd_profiles, "build": cmd_build, "boot": cmd_boot, "test": cmd_test}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

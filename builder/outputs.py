@@ -1,0 +1,155 @@
+"""Build outputs: artifacts converted from DIB's qcow2, the input hash, manifest.json.
+
+qcow2 is DIB's own (already compressed); raw, vhd (dynamic, force_size=on so the size
+is not rounded to CHS geometry), vhdx and usb (a dd-able raw image that boots with BIOS)
+are made with `qemu-img convert`. manifest.json records the resolved profile, the
+elements, the installed packages (DIB's dpkg manifest), each artifact's sha256 and
+size, the build duration and the input hash that decides whether a rebuild is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from builder.profile import OutputFormat, Profile
+from builder.render import hash_tree
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+# qemu-img output format and options per artifact kind.
+_CONVERT: dict[OutputFormat, tuple[str, list[str]]] = {
+    OutputFormat.RAW: ("raw", []),
+    OutputFormat.USB: ("raw", []),
+    OutputFormat.VHD: ("vpc", ["-o", "subformat=dynamic,force_size=on"]),
+    OutputFormat.VHDX: ("vhdx", ["-o", "subformat=dynamic"]),
+}
+
+
+class OutputError(Exception):
+    pass
+
+
+def artifact_name(profile: Profile, fmt: OutputFormat) -> str:
+    suffix = {OutputFormat.USB: "usb.img"}.get(fmt, fmt.value)
+    return f"{profile.name}.{suffix}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def produce(profile: Profile, qcow2: Path, dest: Path) -> dict[str, dict[str, Any]]:
+    """Write every requested artifact into dest; returns {format: {file, sha256, size}}."""
+    made: dict[OutputFormat, Path] = {}
+    for fmt in profile.outputs:
+        target = dest / artifact_name(profile, fmt)
+        if fmt is OutputFormat.QCOW2:
+            os.link(qcow2, target) if _same_fs(qcow2, dest) else _copy(qcow2, target)
+        elif fmt is OutputFormat.USB and OutputFormat.RAW in made:
+            os.link(made[OutputFormat.RAW], target)  # the same bytes
+        elif fmt is OutputFormat.RAW and OutputFormat.USB in made:
+            os.link(made[OutputFormat.USB], target)
+        else:
+            qfmt, opts = _CONVERT[fmt]
+            proc = subprocess.run(
+                ["qemu-img", "convert", "-f", "qcow2", "-O", qfmt, *opts, str(qcow2), str(target)],
+                capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise OutputError(f"qemu-img convert to {fmt} failed: {proc.stderr.strip()}")
+        made[fmt] = target
+    return {
+        str(fmt): {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}
+        for fmt, path in made.items()
+    }
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+def _copy(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+
+
+def read_dpkg_manifest(dib_base: Path) -> list[dict[str, str]]:
+    """Installed packages from DIB's dpkg manifest (<image>.d/dib-manifests/)."""
+    mdir = Path(f"{dib_base}.d") / "dib-manifests"
+    for f in sorted(mdir.glob("dib-manifest-dpkg-*")):
+        try:
+            data = json.loads(f.read_text())
+        except ValueError:
+            continue
+        return sorted(
+            ({"name": p["package"], "version": p["version"], "arch": p["arch"]}
+             for p in data.get("packages", []) if p.get("status", "ii").startswith("ii")),
+            key=lambda p: p["name"],
+        )
+    return []
+
+
+@dataclass(frozen=True)
+class Inputs:
+    digest: str
+    parts: dict[str, Any]
+
+
+def input_hash(profile: Profile, elements: list[Path], agent_hash: str) -> Inputs:
+    """One hash over everything that shapes the image: resolved profile, every element
+    used (with element-deps; templates live in them), agent source and DIB's version."""
+    parts: dict[str, Any] = {
+        "profile": hashlib.sha256(
+            json.dumps(profile.to_dict(), sort_keys=True).encode()).hexdigest(),
+        "elements": {},
+        "agent_source": agent_hash,
+        "diskimage-builder": version("diskimage-builder"),
+    }
+    for element in elements:
+        h = hashlib.sha256()
+        hash_tree(h, element, [element])
+        parts["elements"][element.name] = h.hexdigest()
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return Inputs(digest, parts)
+
+
+def read_manifest(outdir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((outdir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def reusable(outdir: Path, inputs: Inputs) -> tuple[bool, str]:
+    """Whether outdir holds a finished build of exactly these inputs, artifacts intact."""
+    m = read_manifest(outdir)
+    if m is None:
+        return False, "no previous build"
+    if m.get("input_hash") != inputs.digest:
+        return False, "inputs changed"
+    for fmt, art in m.get("artifacts", {}).items():
+        path = outdir / art["file"]
+        if not path.is_file() or path.stat().st_size != art["size"]:
+            return False, f"{fmt} artifact missing or changed"
+        if sha256_file(path) != art["sha256"]:
+            return False, f"{fmt} artifact changed since it was built"
+    return True, "up to date"
+
+
+def write_manifest(dest: Path, data: dict[str, Any]) -> Path:
+    path = dest / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"manifest_version": MANIFEST_VERSION, **data}, indent=2) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,494 @@
+"""Image profiles: load profiles/NAME.yaml, resolve `extends:`, validate into a frozen Profile.
+
+One table, FIELDS, drives parsing, validation, inheritance and the docs: a new setting is
+one row. Every user error is a ProfileError that reads `FILE:LINE: FIELD: message`, with
+the line taken from the YAML node marks.
+
+Inheritance (single, cycles detected): scalars and `outputs` are overridden by the
+child; `elements` are appended (deduplicated, order kept); `packages` add/remove lists
+are concatenated and the resolved list is adds minus removes; `agent` is merged key by
+key; `users` are merged by name (a child's keys override the parent's for that user).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from builder.paths import display, profiles_dir
+
+LinePath = tuple[str | int, ...]
+
+
+class ProfileError(Exception):
+    """A mistake in a profile file, located as file:line: field."""
+
+    def __init__(self, file: Path | str, line: int, fieldname: str, message: str) -> None:
+        self.file = display(Path(file))
+        self.line = line
+        self.field = fieldname
+        self.message = message
+        where = f"{self.file}:{line}" if line > 0 else self.file
+        super().__init__(f"{where}: {fieldname}: {message}")
+
+
+class OutputFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+    VHD = "vhd"
+    VHDX = "vhdx"
+    USB = "usb"
+    PXE = "pxe"
+
+
+# Formats the builder can produce today; `pxe` is a known name that is rejected clearly.
+SUPPORTED_OUTPUTS = (
+    OutputFormat.QCOW2, OutputFormat.RAW, OutputFormat.VHD, OutputFormat.VHDX, OutputFormat.USB,
+)
+
+
+class Merge(StrEnum):
+    OWN = "own"  # never inherited (name, extends)
+    OVERRIDE = "override"  # child replaces parent
+    APPEND = "append"  # parent + child, deduplicated, order kept
+    PACKAGES = "packages"  # add/remove lists concatenated
+    KEYWISE = "keywise"  # dict merged key by key
+    BY_NAME = "by_name"  # list of dicts merged by their `name`
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    ssh_keys: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    sudo: bool = False
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    accel: str = "auto"
+    listen: str = "/run/hvagent/hvagent.sock"
+    state_dir: str = "/var/lib/hvagent"
+    storage_dir: str = "/var/lib/hvagent/images"
+    run_dir: str = "/run/hvagent"
+    log_dir: str = "/var/log/hvagent"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A resolved profile: what the image is made of. Templates see it as `profile`."""
+
+    name: str
+    description: str
+    path: Path
+    extends_chain: tuple[str, ...]  # ancestors, nearest first
+    release: str
+    elements: tuple[str, ...]
+    packages: tuple[str, ...]
+    packages_removed: tuple[str, ...]
+    image_size: str | None
+    outputs: tuple[OutputFormat, ...]
+    users: tuple[User, ...]
+    kernel_cmdline: str
+    agent: AgentSettings
+    test_access: bool
+    # Where each top-level field got its value: (file, line), for later error messages.
+    locations: Mapping[str, tuple[Path, int]] = field(compare=False, repr=False)
+
+    @property
+    def image_size_gb(self) -> str | None:
+        """The size as DIB's --image-size wants it: a number of GB."""
+        return None if self.image_size is None else size_to_gb(self.image_size)
+
+    def error(self, fieldname: str, message: str) -> ProfileError:
+        file, line = self.locations.get(fieldname.split(".")[0], (self.path, 1))
+        return ProfileError(file, line, fieldname, message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved profile as plain data (for --dry-run, manifest.json, input hash)."""
+        d = asdict(self)
+        d.pop("locations")
+        d["path"] = display(self.path)
+        d["outputs"] = [str(o) for o in self.outputs]
+        for key in ("extends_chain", "elements", "packages", "packages_removed"):
+            d[key] = list(d[key])
+        d["users"] = [
+            {**u, "ssh_keys": list(u["ssh_keys"]), "groups": list(u["groups"])} for u in d["users"]
+        ]
+        return d
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+@dataclass
+class _Doc:
+    file: Path
+    data: dict[str, Any]
+    lines: dict[LinePath, int]
+
+    def line(self, path: LinePath) -> int:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+    def error(self, path: LinePath, message: str) -> ProfileError:
+        name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path)
+        return ProfileError(self.file, self.line(path), name.replace(".[", "["), message)
+
+
+def _load_yaml(file: Path) -> _Doc:
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise ProfileError(file, 1, "file", f"cannot read: {e.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(e, "problem", None) or str(e)
+        raise ProfileError(file, line, "yaml", f"invalid YAML: {problem}") from None
+    lines: dict[LinePath, int] = {}
+    constructor = yaml.constructor.SafeConstructor()
+
+    def convert(node: yaml.Node, path: LinePath) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for knode, vnode in node.value:
+                key = constructor.construct_object(knode, deep=True)
+                kline = knode.start_mark.line + 1
+                if not isinstance(key, str):
+                    raise ProfileError(file, kline, ".".join(map(str, path)) or "yaml",
+                                       f"keys must be strings, got {key!r}")
+                if key in out:
+                    raise ProfileError(file, kline, ".".join(map(str, (*path, key))),
+                                       "duplicate key")
+                lines[(*path, key)] = kline
+                out[key] = convert(vnode, (*path, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(node.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                items.append(convert(item, (*path, i)))
+            return items
+        return constructor.construct_object(node, deep=True)
+
+    if root is None:
+        raise ProfileError(file, 1, "yaml", "empty file, expected a mapping of settings")
+    data = convert(root, ())
+    if not isinstance(data, dict):
+        raise ProfileError(file, root.start_mark.line + 1, "yaml",
+                           "expected a mapping of settings at the top level")
+    return _Doc(file, data, lines)
+
+
+# ---------------------------------------------------------------- value parsers
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+ELEMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([MGT])$")
+SSH_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/=]+")
+
+Parser = Callable[[_Doc, LinePath, Any], Any]
+
+
+def size_to_gb(size: str) -> str:
+    m = SIZE_RE.match(size)
+    assert m, size
+    gb = float(m.group(1)) * {"M": 1 / 1024, "G": 1, "T": 1024}[m.group(2)]
+    return f"{gb:.3f}".rstrip("0").rstrip(".")
+
+
+def _str(pattern: re.Pattern[str] | None = None, what: str = "") -> Parser:
+    def parse(doc: _Doc, path: LinePath, v: Any) -> str:
+        if not isinstance(v, str):
+            raise doc.error(path, f"expected a string, got {_kind(v)}")
+        if pattern is not None and not pattern.match(v):
+            raise doc.error(path, f"{v!r} is not {what}")
+        return v
+    return parse
+
+
+def _bool(doc: _Doc, path: LinePath, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise doc.error(path, f"expected true or false, got {_kind(v)}")
+    return v
+
+
+def _str_list(pattern: re.Pattern[str] | None = None, what: str = "") -> Parser:
+    def parse(doc: _Doc, path: LinePath, v: Any) -> list[str]:
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise doc.error(path, "expected a list of strings")
+        if pattern is not None:
+            for i, x in enumerate(v):
+                if not pattern.match(x):
+                    raise doc.error((*path, i), f"{x!r} is not {what}")
+        return list(v)
+    return parse
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "nothing"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(v), type(v).__name__)
+
+
+def _mapping(doc: _Doc, path: LinePath, v: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise doc.error(path, f"expected a mapping with keys {', '.join(allowed)}, got {_kind(v)}")
+    for k in v:
+        if k not in allowed:
+            raise doc.error((*path, k), f"unknown key (allowed: {', '.join(allowed)})")
+    return v
+
+
+def _packages(doc: _Doc, path: LinePath, v: Any) -> dict[str, list[str]]:
+    names = _str_list(PACKAGE_RE, "a Debian package name")
+    if isinstance(v, list):  # shorthand: a plain list means `add`
+        return {"add": names(doc, path, v), "remove": []}
+    if not isinstance(v, dict):
+        raise doc.error(path, "expected a list of strings or a mapping {add: [...], remove: [...]}")
+    _mapping(doc, path, v, ("add", "remove"))
+    return {k: names(doc, (*path, k), v.get(k, [])) for k in ("add", "remove")}
+
+
+def _image_size(doc: _Doc, path: LinePath, v: Any) -> str:
+    if not isinstance(v, str) or not SIZE_RE.match(v):
+        raise doc.error(path, f"expected a size like 3G or 512M, got {v!r}")
+    if float(size_to_gb(v)) <= 0:
+        raise doc.error(path, "must be larger than zero")
+    return v
+
+
+def _outputs(doc: _Doc, path: LinePath, v: Any) -> list[OutputFormat]:
+    names = _str_list()(doc, path, v)
+    if not names:
+        raise doc.error(path, "expected at least one output format")
+    out: list[OutputFormat] = []
+    for i, n in enumerate(names):
+        try:
+            fmt = OutputFormat(n)
+        except ValueError:
+            raise doc.error((*path, i), f"unknown output {n!r} (choose from "
+                            f"{', '.join(o.value for o in OutputFormat)})") from None
+        if fmt not in SUPPORTED_OUTPUTS:
+            raise doc.error((*path, i), f"output {n!r} is not supported yet")
+        if fmt not in out:
+            out.append(fmt)
+    return out
+
+
+def _users(doc: _Doc, path: LinePath, v: Any) -> list[dict[str, Any]]:
+    if not isinstance(v, list):
+        raise doc.error(path, f"expected a list of users, got {_kind(v)}")
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, u in enumerate(v):
+        p = (*path, i)
+        _mapping(doc, p, u, ("name", "ssh_keys", "groups", "sudo"))
+        if "name" not in u:
+            raise doc.error(p, "each user needs a name")
+        user: dict[str, Any] = {"name": _str(USER_RE, "a valid user name")(doc, (*p, "name"),
+                                                                             u["name"])}
+        if user["name"] in seen:
+            raise doc.error((*p, "name"), f"user {user['name']!r} listed twice")
+        seen.add(user["name"])
+        if "ssh_keys" in u:
+            user["ssh_keys"] = _str_list(SSH_KEY_RE, "an OpenSSH public key")(
+                doc, (*p, "ssh_keys"), u["ssh_keys"])
+        if "groups" in u:
+            user["groups"] = _str_list(USER_RE, "a valid group name")(doc, (*p, "groups"),
+                                                                      u["groups"])
+        if "sudo" in u:
+            user["sudo"] = _bool(doc, (*p, "sudo"), u["sudo"])
+        out.append(user)
+    return out
+
+
+def _cmdline(doc: _Doc, path: LinePath, v: Any) -> str:
+    s = _str()(doc, path, v)
+    # It ends up inside a double-quoted GRUB_CMDLINE_LINUX_DEFAULT.
+    if any(c in s for c in '"\n\\$`'):
+        raise doc.error(path, "must not contain quotes, backslashes, $, ` or newlines")
+    return s.strip()
+
+
+def _agent(doc: _Doc, path: LinePath, v: Any) -> dict[str, str]:
+    keys = tuple(AgentSettings.__dataclass_fields__)
+    _mapping(doc, path, v, keys)
+    out: dict[str, str] = {}
+    for k, val in v.items():
+        s = _str()(doc, (*path, k), val)
+        if k == "accel":
+            if s not in ("auto", "kvm", "tcg"):
+                raise doc.error((*path, k), f"expected auto, kvm or tcg, got {s!r}")
+        elif not s.startswith("/"):
+            raise doc.error((*path, k), f"expected an absolute path, got {s!r}")
+        out[k] = s
+    return out
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str
+    parse: Parser
+    merge: Merge
+    default: Any
+    doc: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("name", _str(NAME_RE, "a profile name ([a-z0-9_-])"), Merge.OWN, None,
+          "Profile name; must equal the file name without .yaml."),
+    Field("description", _str(), Merge.OVERRIDE, "", "One line saying what the image is for."),
+    Field("extends", _str(NAME_RE, "a profile name"), Merge.OWN, None,
+          "Another profile in the same directory this one builds on."),
+    Field("release", _str(re.compile(r"^[a-z]+$"), "a Debian release name"), Merge.OVERRIDE,
+          "bookworm", "Debian release (DIB_RELEASE)."),
+    Field("elements", _str_list(ELEMENT_RE, "an element name"), Merge.APPEND, [],
+          "diskimage-builder elements; appended to the parent's."),
+    Field("packages", _packages, Merge.PACKAGES, {"add": [], "remove": []},
+          "Extra packages: {add: [...], remove: [...]} (a plain list means add)."),
+    Field("image_size", _image_size, Merge.OVERRIDE, None,
+          "Disk size, e.g. 3G (DIB --image-size); unset lets DIB size it to fit."),
+    Field("outputs", _outputs, Merge.OVERRIDE, [OutputFormat.QCOW2],
+          "Artifacts: qcow2, raw, vhd, vhdx, usb (pxe: not supported yet)."),
+    Field("users", _users, Merge.BY_NAME, [],
+          "Users: [{name, ssh_keys, groups, sudo}], merged by name."),
+    Field("kernel_cmdline", _cmdline, Merge.OVERRIDE, "",
+          "Appended to DIB's default kernel command line."),
+    Field("agent", _agent, Merge.KEYWISE, {},
+          "hvagent settings: accel, listen, state_dir, storage_dir, run_dir, log_dir."),
+    Field("test_access", _bool, Merge.OVERRIDE, False,
+          "Accept an ssh key from QEMU fw_cfg at boot (adds the test-access element)."),
+)
+FIELD_BY_KEY = {f.key: f for f in FIELDS}
+TEST_ACCESS_ELEMENT = "test-access"
+
+
+def _parse_file(file: Path) -> tuple[_Doc, dict[str, Any]]:
+    doc = _load_yaml(file)
+    values: dict[str, Any] = {}
+    for key, raw in doc.data.items():
+        f = FIELD_BY_KEY.get(key)
+        if f is None:
+            raise doc.error((key,), f"unknown key (allowed: {', '.join(FIELD_BY_KEY)})")
+        values[key] = f.parse(doc, (key,), raw)
+    if "name" not in values:
+        raise ProfileError(file, 1, "name", "required (must equal the file name)")
+    if values["name"] != file.stem:
+        raise doc.error(("name",), f"{values['name']!r} must equal the file name {file.stem!r}")
+    return doc, values
+
+
+def _merge(f: Field, parent: Any, child: Any) -> Any:
+    if f.merge is Merge.APPEND:
+        return list(dict.fromkeys([*parent, *child]))
+    if f.merge is Merge.PACKAGES:
+        return {k: [*parent[k], *child[k]] for k in ("add", "remove")}
+    if f.merge is Merge.KEYWISE:
+        return {**parent, **child}
+    if f.merge is Merge.BY_NAME:
+        merged = {u["name"]: dict(u) for u in parent}
+        for u in child:
+            merged[u["name"]] = {**merged.get(u["name"], {}), **u}
+        return list(merged.values())
+    return child
+
+
+def resolve_path(ref: str | Path) -> Path:
+    """A profile given as a path (anything with / or .yaml) or as a name in profiles/."""
+    s = str(ref)
+    if "/" in s or s.endswith((".yaml", ".yml")):
+        return Path(s)
+    return profiles_dir() / f"{s}.yaml"
+
+
+def load(ref: str | Path) -> Profile:
+    """Load, resolve inheritance and validate; raises ProfileError."""
+    leaf = resolve_path(ref)
+    if not leaf.is_file():
+        raise ProfileError(leaf, 0, "profile", "no such profile file")
+    chain: list[tuple[_Doc, dict[str, Any]]] = []
+    seen: list[str] = []
+    file = leaf
+    while True:
+        doc, values = _parse_file(file)
+        chain.append((doc, values))
+        seen.append(values["name"])
+        parent = values.get("extends")
+        if parent is None:
+            break
+        if parent in seen:
+            cycle = " -> ".join([*seen, parent])
+            raise doc.error(("extends",), f"inheritance cycle: {cycle}")
+        file = file.parent / f"{parent}.yaml"
+        if not file.is_file():
+            raise doc.error(("extends",), f"no profile {parent!r} ({display(file)} not found)")
+
+    merged: dict[str, Any] = {}
+    locations: dict[str, tuple[Path, int]] = {}
+    for doc, values in reversed(chain):  # root first
+        for f in FIELDS:
+            if f.key not in values:
+                continue
+            if f.merge is Merge.OWN and doc is not chain[0][0]:
+                continue
+            merged[f.key] = _merge(f, merged.get(f.key, f.default), values[f.key])
+            locations[f.key] = (doc.file, doc.line((f.key,)))
+    for f in FIELDS:
+        merged.setdefault(f.key, f.default)
+
+    leaf_doc = chain[0][0]
+    if not merged["elements"]:
+        raise ProfileError(leaf_doc.file, locations.get("elements", (leaf, 1))[1], "elements",
+                           "a profile needs at least one element (here or in a parent)")
+    elements = list(merged["elements"])
+    if merged["test_access"] and TEST_ACCESS_ELEMENT not in elements:
+        elements.append(TEST_ACCESS_ELEMENT)
+    removed = list(dict.fromkeys(merged["packages"]["remove"]))
+    packages = [p for p in dict.fromkeys(merged["packages"]["add"]) if p not in removed]
+    users = tuple(
+        User(name=u["name"], ssh_keys=tuple(u.get("ssh_keys", ())),
+             groups=tuple(u.get("groups", ())), sudo=u.get("sudo", False))
+        for u in merged["users"]
+    )
+    return Profile(
+        name=merged["name"],
+        description=merged["description"],
+        path=leaf,
+        extends_chain=tuple(v["name"] for _, v in chain[1:]),
+        release=merged["release"],
+        elements=tuple(elements),
+        packages=tuple(packages),
+        packages_removed=tuple(removed),
+        image_size=merged["image_size"],
+        outputs=tuple(merged["outputs"]),
+        users=users,
+        kernel_cmdline=merged["kernel_cmdline"],
+        agent=AgentSettings(**merged["agent"]),
+        test_access=merged["test_access"],
+        locations=locations,
+    )
+
+
+def list_profiles(directory: Path | None = None) -> list[tuple[Path, Profile | ProfileError]]:
+    """Every profile in a directory, loaded (or the error that stops it loading)."""
+    out: list[tuple[Path, Profile | ProfileError]] = []
+    for file in sorted((directory or profiles_dir()).glob("*.yaml")):
+        try:
+            out.append((file, load(file)))
+        except ProfileError as e:
+            out.append((file, e))
+    return out

@@ -1,0 +1,8 @@
+# The network is configured by systemd-networkd (static/etc/systemd/network); the
+# ifupdown file debootstrap would write names eth0/eth1 and is never read here.
+export DIB_APT_MINIMAL_CREATE_INTERFACES=0
+
+# Reuse the debootstrap tarball between builds (DIB_IMAGE_CACHE); the base is
+# dist-upgraded right after unpacking, so a cached base never ships stale packages.
+export DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE=${DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE:-1}
+export DIB_DEBOOTSTRAP_CACHE=${DIB_DEBOOTSTRAP_CACHE:-1}

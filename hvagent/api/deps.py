@@ -1,0 +1,16 @@
+"""FastAPI dependencies that hand routes the service objects of the running agent."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from hvagent.jobs import Jobs
+from hvagent.vm.service import VMService
+
+
+def vms(request: Request) -> VMService:
+    return request.app.state.vms  # type: ignore[no-any-return]
+
+
+def jobs(request: Request) -> Jobs:
+    return request.app.state.jobs  # type: ignore[no-any-return]

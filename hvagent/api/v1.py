@@ -1,0 +1,28 @@
+"""REST API v1: mounts one router per area under /api/v1. A new area (devices,
+checkpoints, disks, networks, access control) adds its router module and one line here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from hvagent.api import jobs, vms
+from hvagent.api.deps import vms as vms_dep
+from hvagent.api.schemas import AgentInfo
+from hvagent.auth import Privilege as P
+from hvagent.auth import require
+from hvagent.config import agent_version
+from hvagent.vm.service import VMService
+
+router = APIRouter(prefix="/api/v1")
+router.include_router(vms.router)
+router.include_router(jobs.router)
+
+
+@router.get("/agent", tags=["agent"], dependencies=[Depends(require(P.SYS_AUDIT, "/"))])
+async def agent_info(request: Request,
+                     svc: Annotated[VMService, Depends(vms_dep)]) -> AgentInfo:
+    accel = svc.accel
+    return AgentInfo(version=agent_version(), accel=str(accel.accel), accel_reason=accel.reason,
+                     vms=len(svc.store.list_vms()))

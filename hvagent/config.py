@@ -1,0 +1,68 @@
+"""The agent's configuration file (/etc/hvagent/hvagent.yaml): keys, defaults, loading.
+
+Every key is optional; an unknown key or a wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from hvagent.errors import InvalidRequest
+from hvagent.vm.accel import Accel
+
+DEFAULT_CONFIG = Path("/etc/hvagent/hvagent.yaml")
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: Path = Path("/run/hvagent/hvagent.sock")
+    state_dir: Path = Path("/var/lib/hvagent")
+    storage_dir: Path = Path("/var/lib/hvagent/images")
+    run_dir: Path = Path("/run/hvagent")
+    log_dir: Path = Path("/var/log/hvagent")
+    accel: Accel = Accel.AUTO
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "hvagent.db"
+
+    def make_dirs(self) -> None:
+        for d in (self.state_dir, self.storage_dir, self.run_dir, self.log_dir,
+                  self.listen.parent):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def load_config(path: Path | None) -> AgentConfig:
+    """Load `path`; None means the default file if it exists, else all defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return AgentConfig()
+        path = DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise InvalidRequest(f"{path}: cannot read: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise InvalidRequest(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{path}: expected a mapping of settings")
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InvalidRequest(f"{path}: {key}: {msg}") from e
+
+
+def agent_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("corehost")
+    except PackageNotFoundError:
+        return "unknown"

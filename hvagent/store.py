@@ -1,0 +1,153 @@
+"""The agent's SQLite database: schema migrations and the rows of VMs.
+
+Desired state (the VM spec, JSON) and observed state (state, pid, last error) live in
+one row per VM. Other areas (jobs, audit, networks, ...) add their tables by appending
+to MIGRATIONS: each entry runs once, in order, and PRAGMA user_version records how many
+ran. Never edit an entry that has shipped; append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS: list[str] = [
+    # 1: VMs
+    """
+    CREATE TABLE vms (
+        name       TEXT PRIMARY KEY,
+        spec       TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        pid        INTEGER,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+    # 2: jobs (hvagent.jobs)
+    """
+    CREATE TABLE jobs (
+        id          TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        target      TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        progress    REAL NOT NULL DEFAULT 0,
+        error       TEXT,
+        result      TEXT,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_target ON jobs(target);
+    """,
+]
+
+
+@dataclass
+class VMRow:
+    name: str
+    spec: str  # JSON of hvagent.vm.spec.VMSpec
+    state: str
+    pid: int | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+
+class Store:
+    """One connection shared by the agent; a lock keeps writes from worker threads safe."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        with self._lock:
+            for version in range(self.schema_version, len(MIGRATIONS)):
+                with self.transaction() as c:
+                    c.executescript_in_tx(MIGRATIONS[version])
+                    c.execute(f"PRAGMA user_version = {version + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Tx]:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Tx(self.conn)
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self.conn.execute(sql, args))
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        """One statement in its own transaction; returns the number of changed rows."""
+        with self.transaction() as c:
+            return c.execute(sql, args).rowcount
+
+    # VMs
+
+    def insert_vm(self, name: str, spec_json: str, state: str) -> None:
+        now = time.time()
+        self.execute(
+            "INSERT INTO vms (name, spec, state, created_at, updated_at) VALUES (?,?,?,?,?)",
+            (name, spec_json, state, now, now),
+        )
+
+    def get_vm(self, name: str) -> VMRow | None:
+        rows = self.query("SELECT * FROM vms WHERE name = ?", (name,))
+        return VMRow(**dict(rows[0])) if rows else None
+
+    def list_vms(self) -> list[VMRow]:
+        return [VMRow(**dict(r)) for r in self.query("SELECT * FROM vms ORDER BY name")]
+
+    def update_vm(self, name: str, **fields: Any) -> None:
+        allowed = {"spec", "state", "pid", "last_error"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown VM fields: {sorted(unknown)}")
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.execute(
+            f"UPDATE vms SET {cols}, updated_at = ? WHERE name = ?",
+            (*fields.values(), time.time(), name),
+        )
+
+    def delete_vm(self, name: str) -> None:
+        self.execute("DELETE FROM vms WHERE name = ?", (name,))
+
+
+class _Tx:
+    """The statements of one open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._conn.execute(sql, args)
+
+    def executescript_in_tx(self, script: str) -> None:
+        # sqlite3.executescript() would COMMIT first; run statement by statement instead.
+        for stmt in script.split(";"):
+            if stmt.strip():
+                self._conn.execute(stmt)

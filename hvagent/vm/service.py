@@ -1,0 +1,420 @@
+"""The VM service: the lifecycle of child VMs (create, start, stop, pause, resume,
+reset, delete, console), their observed state, restart safety and crash detection.
+
+The API and hvctl call only this. Later areas (hot-add, checkpoints, offline disks)
+extend it with their own service modules that reuse `VMService.locks` (one operation at
+a time per VM), `VMService.monitor(name)` (the VM's QMP connection) and `VMService.jobs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from hvagent.config import AgentConfig
+from hvagent.errors import Busy, Conflict, HVError, InvalidRequest, NotFound, OperationFailed
+from hvagent.jobs import Jobs
+from hvagent.store import Store, VMRow
+from hvagent.vm import machine
+from hvagent.vm.accel import AccelChoice, choose_accel
+from hvagent.vm.machine import VMFiles
+from hvagent.vm.qmp import Monitor, MonitorGone
+from hvagent.vm.spec import DiskFormat, DiskSpec, VMSpec, VMState
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (VMState.RUNNING, VMState.PAUSED)
+DEFAULT_STOP_TIMEOUT = 60.0
+QUIT_TIMEOUT = 5.0
+CRASH_LOG_LINES = 20
+_EXT = {DiskFormat.QCOW2: "qcow2", DiskFormat.RAW: "raw", DiskFormat.VPC: "vhd",
+        DiskFormat.VHDX: "vhdx"}
+
+
+class OperationLocks:
+    """One operation at a time per target; a second one fails at once with Busy (409)."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, str] = {}
+
+    def current(self, target: str) -> str | None:
+        return self._ops.get(target)
+
+    def acquire(self, target: str, operation: str) -> None:
+        if target in self._ops:
+            raise Busy(target, self._ops[target])
+        self._ops[target] = operation
+
+    def release(self, target: str) -> None:
+        self._ops.pop(target, None)
+
+    @contextlib.contextmanager
+    def hold(self, target: str, operation: str) -> Iterator[None]:
+        self.acquire(target, operation)
+        try:
+            yield
+        finally:
+            self.release(target)
+
+
+class VMInfo(BaseModel):
+    name: str
+    state: VMState
+    spec: VMSpec
+    pid: int | None
+    operation: str | None  # in progress right now
+    last_error: str | None
+    serial_log: str
+    created_at: float
+    updated_at: float
+
+
+class VMService:
+    def __init__(self, config: AgentConfig, store: Store, jobs: Jobs) -> None:
+        self.config = config
+        self.store = store
+        self.jobs = jobs
+        self.locks = OperationLocks()
+        self._monitors: dict[str, Monitor] = {}
+        self._accel: AccelChoice | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.storage_dir = config.storage_dir.resolve()
+
+    # lifecycle of the service itself
+
+    async def startup(self) -> None:
+        """Reattach to every VM the previous agent left running and report true states."""
+        failed = self.jobs.recover()
+        if failed:
+            log.info("marked %d interrupted jobs failed", failed)
+        for row in self.store.list_vms():
+            await self._observe(row)
+
+    async def shutdown(self) -> None:
+        """Drop QMP connections; the VMs keep running."""
+        for t in list(self._background):
+            t.cancel()
+        for name in list(self._monitors):
+            await self._drop_monitor(name)
+
+    @property
+    def accel(self) -> AccelChoice:
+        if self._accel is None:
+            self._accel = choose_accel(self.config.accel)
+            log.info("accelerator %s: %s", self._accel.accel, self._accel.reason)
+        return self._accel
+
+    def files(self, name: str) -> VMFiles:
+        c = self.config
+        return VMFiles.for_vm(name, c.run_dir.resolve(), c.log_dir.resolve(),
+                              c.state_dir.resolve())
+
+    # queries
+
+    async def list(self) -> list[VMInfo]:
+        return [self._info(await self._observe(r)) for r in self.store.list_vms()]
+
+    async def get(self, name: str) -> VMInfo:
+        return self._info(await self._observe(self._row(name)))
+
+    def console(self, name: str, lines: int = 50) -> str:
+        self._row(name)
+        return machine.tail(self.files(name).serial_log, lines)
+
+    async def monitor(self, name: str) -> Monitor:
+        """The QMP connection of a running VM (for device/checkpoint services)."""
+        row = await self._observe(self._row(name))
+        mon = self._monitors.get(name)
+        if row.state not in ACTIVE or mon is None:
+            raise Conflict(f"{name}: not running (state {row.state})")
+        return mon
+
+    # operations
+
+    async def create(self, spec: VMSpec) -> VMInfo:
+        with self.locks.hold(spec.name, "create"):
+            if self.store.get_vm(spec.name) is not None:
+                raise Conflict(f"{spec.name}: a VM with this name already exists")
+            created: list[Path] = []
+            files = self.files(spec.name)
+            try:
+                spec = await self._resolve(spec, created)
+                machine.prepare_files(spec, files)
+                self.store.insert_vm(spec.name, spec.model_dump_json(), VMState.DEFINED)
+            except BaseException:
+                # Nothing half-made stays behind: no disk, no per-VM files, no row.
+                for p in created:
+                    p.unlink(missing_ok=True)
+                machine.remove_files(files)
+                raise
+        return await self.get(spec.name)
+
+    async def start(self, name: str) -> VMInfo:
+        with self.locks.hold(name, "start"):
+            row = await self._observe(self._row(name), locked=True)
+            if row.state in ACTIVE:
+                raise Conflict(f"{name}: already {row.state}")
+            spec = VMSpec.model_validate_json(row.spec)
+            files = self.files(name)
+            cmd = machine.build_command(spec, files, self.accel.qemu_args)
+            log.info("%s: starting: %s", name, " ".join(cmd))
+            pid = await machine.launch(cmd, files)
+            try:
+                await self._attach(name, files)
+            except BaseException:
+                machine.kill(pid)
+                raise
+            self.store.update_vm(name, state=VMState.RUNNING, pid=pid, last_error=None)
+        return await self.get(name)
+
+    async def stop(self, name: str, force: bool = False,
+                   timeout: float = DEFAULT_STOP_TIMEOUT) -> VMInfo:
+        """ACPI power-off; force-off when the guest has not powered off after `timeout`
+        seconds (or at once with `force`)."""
+        with self.locks.hold(name, "force-off" if force else "stop"):
+            row = await self._observe(self._row(name), locked=True)
+            if row.state not in ACTIVE:
+                raise Conflict(f"{name}: not running (state {row.state})")
+            mon = self._monitors.get(name)
+            graceful = False
+            if not force and mon is not None:
+                graceful = await self._powerdown(name, row, mon, timeout)
+            await self._quit(name, row.pid)
+            note = None if graceful or force else f"forced off after {timeout:g}s"
+            self.store.update_vm(name, state=VMState.STOPPED, pid=None, last_error=note)
+        return await self.get(name)
+
+    async def pause(self, name: str) -> VMInfo:
+        return await self._simple(name, "pause", "stop", VMState.RUNNING, VMState.PAUSED)
+
+    async def resume(self, name: str) -> VMInfo:
+        return await self._simple(name, "resume", "cont", VMState.PAUSED, VMState.RUNNING)
+
+    async def reset(self, name: str) -> VMInfo:
+        with self.locks.hold(name, "reset"):
+            row = await self._observe(self._row(name), locked=True)
+            if row.state not in ACTIVE:
+                raise Conflict(f"{name}: not running (state {row.state})")
+            await self._mon(name).execute("system_reset")
+        return await self.get(name)
+
+    async def delete(self, name: str, keep_disks: bool = False) -> list[str]:
+        """Remove the VM; its agent-created disks too unless `keep_disks`. Disks that
+        existed before the VM are never removed. Returns the removed disk paths."""
+        with self.locks.hold(name, "delete"):
+            row = await self._observe(self._row(name), locked=True)
+            if row.state in ACTIVE:
+                raise Conflict(f"{name}: is {row.state}; stop it first")
+            spec = VMSpec.model_validate_json(row.spec)
+            self.store.delete_vm(name)
+            machine.remove_files(self.files(name))
+            removed = []
+            if not keep_disks:
+                for d in spec.disks:
+                    if d.created and d.path:
+                        Path(d.path).unlink(missing_ok=True)
+                        removed.append(d.path)
+            return removed
+
+    # internals
+
+    def _row(self, name: str) -> VMRow:
+        row = self.store.get_vm(name)
+        if row is None:
+            raise NotFound(f"{name}: no such VM")
+        return row
+
+    def _info(self, row: VMRow) -> VMInfo:
+        return VMInfo(
+            name=row.name, state=VMState(row.state), spec=VMSpec.model_validate_json(row.spec),
+            pid=row.pid, operation=self.locks.current(row.name), last_error=row.last_error,
+            serial_log=str(self.files(row.name).serial_log),
+            created_at=row.created_at, updated_at=row.updated_at,
+        )
+
+    def _mon(self, name: str) -> Monitor:
+        mon = self._monitors.get(name)
+        if mon is None:
+            raise OperationFailed(f"{name}: no QMP connection")
+        return mon
+
+    async def _simple(self, name: str, op: str, cmd: str, need: VMState,
+                      result: VMState) -> VMInfo:
+        with self.locks.hold(name, op):
+            row = await self._observe(self._row(name), locked=True)
+            if row.state != need:
+                raise Conflict(f"{name}: cannot {op}: state is {row.state}, not {need}")
+            await self._mon(name).execute(cmd)
+            self.store.update_vm(name, state=result)
+        return await self.get(name)
+
+    async def _resolve(self, spec: VMSpec, created: list[Path]) -> VMSpec:
+        """Check every file the spec names and create its new disks (recorded in
+        `created` as they appear, so the caller can remove them on failure)."""
+        for field in ("kernel", "initrd"):
+            value = getattr(spec, field)
+            if value is not None and not Path(value).is_file():
+                raise InvalidRequest(f"{field}: {value}: no such file")
+        disks: list[DiskSpec] = []
+        seen: set[Path] = set()
+        for i, d in enumerate(spec.disks):
+            where = f"disks[{i}]"
+            if d.path is not None:
+                path = self._storage_path(d.path, where)
+                if not path.is_file():
+                    raise InvalidRequest(f"{where}.path: {d.path}: no such file")
+                found = await machine.image_format(path)
+                if d.format is not None and found != d.format:
+                    raise InvalidRequest(
+                        f"{where}.format: {d.path} is {found}, not {d.format}")
+                disks.append(DiskSpec(path=str(path), format=DiskFormat(found)))
+            else:
+                assert d.size is not None
+                fmt = d.format or DiskFormat.QCOW2
+                path = self.storage_dir / f"{spec.name}-disk{i}.{_EXT[fmt]}"
+                if path.exists():
+                    raise Conflict(f"{where}: {path} already exists")
+                self.storage_dir.mkdir(parents=True, exist_ok=True)
+                created.append(path)
+                await machine.create_image(path, fmt, d.size)
+                disks.append(DiskSpec(path=str(path), format=fmt, size=d.size, created=True))
+            if path in seen:
+                raise InvalidRequest(f"{where}.path: {path} is attached twice")
+            seen.add(path)
+        return spec.model_copy(update={"disks": disks})
+
+    def _storage_path(self, value: str, where: str) -> Path:
+        p = Path(value)
+        path = (p if p.is_absolute() else self.storage_dir / p).resolve()
+        if not path.is_relative_to(self.storage_dir):
+            raise InvalidRequest(
+                f"{where}.path: {value} is outside the storage directory {self.storage_dir}")
+        return path
+
+    async def _attach(self, name: str, files: VMFiles) -> None:
+        await self._drop_monitor(name)
+        mon = Monitor(name, on_event=lambda ev, data: self._on_event(name, ev),
+                      on_lost=lambda: self._on_lost(name))
+        await mon.connect(files.qmp)
+        self._monitors[name] = mon
+
+    async def _drop_monitor(self, name: str) -> None:
+        mon = self._monitors.pop(name, None)
+        if mon is not None:
+            await mon.close()
+
+    def _on_event(self, name: str, event: str) -> None:
+        if event in ("SHUTDOWN", "STOP", "RESUME"):
+            self._spawn(self._observe_quietly(name))
+
+    def _on_lost(self, name: str) -> None:
+        self._spawn(self._observe_quietly(name))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _observe_quietly(self, name: str) -> None:
+        row = self.store.get_vm(name)
+        if row is None:
+            return
+        try:
+            await self._observe(row)
+        except HVError as e:
+            log.warning("%s: %s", name, e.message)
+
+    async def _observe(self, row: VMRow, locked: bool = False) -> VMRow:
+        """Bring the recorded state in line with what QEMU really does. While another
+        operation runs on the VM (and the caller is not that operation) it only reports."""
+        name = row.name
+        if not locked and self.locks.current(name) is not None:
+            return row
+        files = self.files(name)
+        state = VMState(row.state)
+        if state not in ACTIVE:
+            pid = machine.read_pid(files)
+            if not machine.is_alive(pid, files):
+                return row
+            # A QEMU for this VM runs although the record says otherwise (the agent died
+            # between launching it and recording it): adopt it.
+            self.store.update_vm(name, state=VMState.RUNNING, pid=pid)
+            row = self._row(name)
+        if not machine.is_alive(row.pid, files):
+            await self._drop_monitor(name)
+            log.warning("%s: QEMU (pid %s) is gone", name, row.pid)
+            self.store.update_vm(name, state=VMState.CRASHED, pid=None, last_error=(
+                "QEMU exited unexpectedly; serial log tail:\n"
+                + machine.tail(files.serial_log, CRASH_LOG_LINES)))
+            return self._row(name)
+        mon = self._monitors.get(name)
+        try:
+            if mon is None or not mon.connected:
+                await self._attach(name, files)
+            status = await self._mon(name).status()
+        except (MonitorGone, OperationFailed) as e:
+            if not machine.is_alive(row.pid, files):
+                return await self._observe(row, locked)
+            self.store.update_vm(name, last_error=str(e))
+            return self._row(name)
+        if status == "shutdown":
+            # The guest powered itself off; QEMU waits (-no-shutdown) for us to end it.
+            if locked:
+                await self._quit(name, row.pid)
+                self.store.update_vm(name, state=VMState.STOPPED, pid=None, last_error=None)
+            else:
+                with contextlib.suppress(Busy), self.locks.hold(name, "stop"):
+                    await self._quit(name, row.pid)
+                    self.store.update_vm(name, state=VMState.STOPPED, pid=None,
+                                         last_error=None)
+        elif status in ("internal-error", "guest-panicked"):
+            await self._quit(name, row.pid)
+            self.store.update_vm(name, state=VMState.CRASHED, pid=None, last_error=(
+                f"guest stopped with status {status}; serial log tail:\n"
+                + machine.tail(files.serial_log, CRASH_LOG_LINES)))
+        else:
+            new = VMState.RUNNING if status == "running" else VMState.PAUSED
+            if new != state:
+                self.store.update_vm(name, state=new)
+        return self._row(name)
+
+    async def _powerdown(self, name: str, row: VMRow, mon: Monitor, timeout: float) -> bool:
+        """ACPI power button; True when the guest powered off within `timeout`."""
+        files = self.files(name)
+        try:
+            if await mon.status() != "running":
+                await mon.execute("cont")  # a paused guest cannot react to ACPI
+            await mon.execute("system_powerdown")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if not machine.is_alive(row.pid, files) or await mon.status() == "shutdown":
+                    return True
+                await asyncio.sleep(0.1)
+        except MonitorGone:
+            return not machine.is_alive(row.pid, files)
+        return False
+
+    async def _quit(self, name: str, pid: int | None) -> None:
+        """End QEMU: `quit` over QMP, SIGKILL if it is still there after QUIT_TIMEOUT."""
+        files = self.files(name)
+        mon = self._monitors.get(name)
+        if mon is not None:
+            with contextlib.suppress(MonitorGone, OperationFailed):
+                await mon.execute("quit")
+        await self._drop_monitor(name)
+        deadline = time.monotonic() + QUIT_TIMEOUT
+        while machine.is_alive(pid, files) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if pid and machine.is_alive(pid, files):
+            machine.kill(pid)
+            while machine.is_alive(pid, files):
+                await asyncio.sleep(0.05)
+        files.qmp.unlink(missing_ok=True)
+        files.pidfile.unlink(missing_ok=True)

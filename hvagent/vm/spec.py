@@ -1,0 +1,149 @@
+"""The VM spec: what a VM is (desired state), validated. The source of truth from which
+the QEMU command line is rebuilt on every start (hvagent.vm.machine)."""
+
+from __future__ import annotations
+
+import random
+import re
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# Pre-created pcie-root-ports: the slots later hot-adds (disks, NICs) plug into.
+DEFAULT_HOTPLUG_PORTS = 8
+DEFAULT_MEMORY_SLOTS = 8
+
+
+class VMState(StrEnum):
+    DEFINED = "defined"  # created, never started
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    CRASHED = "crashed"  # QEMU died without being asked to
+
+
+class Firmware(StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class DiskFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+    VPC = "vpc"  # VHD
+    VHDX = "vhdx"
+
+
+class BootDevice(StrEnum):
+    DISK = "disk"
+    NETWORK = "network"
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 1073741824, "1G", "512M", "10GiB"."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value.strip())
+    if not m:
+        raise ValueError(f"not a size: {value!r} (examples: 512M, 10G)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+class DiskSpec(BaseModel):
+    """An existing image (`path`) or a new one (`size`) the agent creates in its storage
+    directory. After creation the stored spec always has `path` and `format`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = None
+    size: int | None = Field(default=None, gt=0, description="bytes; for a new disk")
+    format: DiskFormat | None = None
+    created: bool = Field(default=False, description="the agent created it (and owns it)")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _vhd_alias(cls, v: object) -> object:
+        return "vpc" if v == "vhd" else v
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        return parse_size(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _path_or_size(self) -> DiskSpec:
+        if self.created:  # a disk the agent made records both
+            if self.path is None:
+                raise ValueError("a created disk needs its path")
+        elif (self.path is None) == (self.size is None):
+            raise ValueError("give exactly one of path (existing image) or size (new disk)")
+        return self
+
+
+class NicSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    network: Literal["user"] = "user"  # user-mode networking until networks exist
+    model: Literal["virtio-net-pci"] = "virtio-net-pci"
+    mac: str = Field(default_factory=lambda: random_mac())
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        v = v.lower()
+        if not MAC_RE.match(v):
+            raise ValueError(f"not a MAC address: {v!r}")
+        return v
+
+
+def random_mac() -> str:
+    # 52:54:00 is QEMU's locally administered prefix.
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
+
+
+class VMSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_RE)
+    vcpus: int = Field(default=1, ge=1, le=255)
+    max_vcpus: int | None = Field(default=None, ge=1, le=255)
+    memory_mib: int = Field(default=512, ge=16)
+    max_memory_mib: int | None = Field(default=None, ge=16)
+    memory_slots: int | None = Field(default=None, ge=0, le=256)
+    firmware: Firmware = Firmware.BIOS
+    disks: list[DiskSpec] = Field(default_factory=list)
+    nics: list[NicSpec] = Field(default_factory=list)
+    boot_order: list[BootDevice] = Field(default_factory=lambda: [BootDevice.DISK])
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    hotplug_ports: int = Field(default=DEFAULT_HOTPLUG_PORTS, ge=0, le=32)
+
+    @model_validator(mode="after")
+    def _limits(self) -> VMSpec:
+        if self.max_vcpus is None:
+            self.max_vcpus = self.vcpus
+        if self.vcpus > self.max_vcpus:
+            raise ValueError(f"vcpus ({self.vcpus}) is above max_vcpus ({self.max_vcpus})")
+        if self.max_memory_mib is None:
+            self.max_memory_mib = self.memory_mib
+        if self.memory_mib > self.max_memory_mib:
+            raise ValueError(
+                f"memory_mib ({self.memory_mib}) is above max_memory_mib "
+                f"({self.max_memory_mib})"
+            )
+        if self.memory_slots is None:
+            self.memory_slots = DEFAULT_MEMORY_SLOTS if self.max_memory_mib > self.memory_mib else 0
+        if self.max_memory_mib > self.memory_mib and self.memory_slots == 0:
+            raise ValueError("max_memory_mib above memory_mib needs memory_slots >= 1")
+        if (self.initrd or self.append) and not self.kernel:
+            raise ValueError("initrd and append need kernel")
+        macs = [n.mac for n in self.nics]
+        if len(set(macs)) != len(macs):
+            raise ValueError("two NICs have the same MAC address")
+        return self

@@ -1,0 +1,52 @@
+"""The host can run guests under KVM: CPU flag, modules with nesting, /dev/kvm, QEMU."""
+
+from __future__ import annotations
+
+import pytest
+
+# KVM_CREATE_VM = _IO(KVMIO=0xAE, 0x01); returns the new VM's file descriptor.
+CREATE_VM = (
+    "import fcntl, os; "
+    "kvm = os.open('/dev/kvm', os.O_RDWR | os.O_CLOEXEC); "
+    "print(fcntl.ioctl(kvm, 0xAE01, 0))"
+)
+
+
+def cpu_vendor_module(host) -> str:
+    flags = host.file("/proc/cpuinfo").content_string
+    if " svm" in flags:
+        return "kvm_amd"
+    if " vmx" in flags:
+        return "kvm_intel"
+    pytest.fail("neither svm nor vmx in /proc/cpuinfo: the CPU exposes no virtualization")
+
+
+def test_cpu_exposes_svm_or_vmx(host):
+    flags = [
+        line.split(":", 1)[1].split()
+        for line in host.file("/proc/cpuinfo").content_string.splitlines()
+        if line.startswith("flags")
+    ]
+    assert flags, "no flags line in /proc/cpuinfo"
+    assert all("svm" in f or "vmx" in f for f in flags)
+
+
+def test_kvm_modules_loaded_with_nesting(host):
+    vendor = cpu_vendor_module(host)
+    modules = host.file("/proc/modules").content_string.split("\n")
+    loaded = {line.split(" ", 1)[0] for line in modules if line}
+    assert {"kvm", vendor, "vhost_net"} <= loaded
+    nested = host.file(f"/sys/module/{vendor}/parameters/nested").content_string.strip()
+    assert nested in ("1", "Y")
+
+
+def test_dev_kvm_creates_a_vm(host):
+    assert host.file("/dev/kvm").is_char_device
+    out = host.check_output(f'python3 -c "{CREATE_VM}"')
+    assert int(out) >= 0
+
+
+@pytest.mark.parametrize("tool", ["qemu-system-x86_64", "qemu-img", "qemu-storage-daemon"])
+def test_qemu_tools_run(host, tool):
+    out = host.check_output(f"{tool} --version")
+    assert "version" in out.lower()

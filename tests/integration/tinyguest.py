@@ -1,0 +1,213 @@
+"""A tiny Linux guest for tests and benchmarks: a stock Debian kernel plus a busybox
+initramfs whose init reports its state on the serial console.
+
+Serial protocol (one line each, stable for tests to parse):
+  `TINY-BOOT ok`                       once, when init is up and the modules are loaded
+  `TINY cpus=N memkb=N disks=vda,vdb nics=eth0 counter=N`
+                                       every ~0.5 s; `counter` lives in guest memory, so a
+                                       memory revert shows as a counter going back
+  `TINY-POWEROFF`                      when the ACPI power button was pressed, or after
+                                       N state lines with `tiny_poweroff_after=N` on the
+                                       kernel command line
+Init onlines hot-added CPUs and memory blocks, and powers off on the ACPI power button
+(the `button` + `evdev` modules expose it as an input device; one event read = press).
+
+Use `append()` as the kernel command line. For memory hotplug pass
+`append(memory_hotplug=True)` (adds memhp_default_state=online_movable).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNEL_CACHE = Path("/var/cache/corehost/kernel")
+BUSYBOX = Path("/bin/busybox")
+# Modules the guest needs, dependencies are resolved from the modules themselves.
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
+BOOT_MARKER = "TINY-BOOT ok"
+POWEROFF_MARKER = "TINY-POWEROFF"
+STATE_RE = re.compile(
+    r"TINY cpus=(?P<cpus>\d+) memkb=(?P<memkb>\d+) disks=(?P<disks>\S*) "
+    r"nics=(?P<nics>\S*) counter=(?P<counter>\d+)"
+)
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.list); do insmod "/modules/$m" 2>/dev/null; done
+ip link set lo up 2>/dev/null
+echo "TINY-BOOT ok"
+
+# ACPI power button: block on its evdev node; any event is a press.
+power_button() {
+  while true; do
+    for ev in /sys/class/input/event*; do
+      [ -e "$ev/device/name" ] || continue
+      if [ "$(cat "$ev/device/name")" = "Power Button" ]; then
+        # The node may not exist yet right after the module load: only a real read counts.
+        n=$(dd if="/dev/input/${ev##*/}" bs=24 count=1 2>/dev/null | wc -c)
+        if [ "$n" -ge 24 ]; then
+          echo "TINY-POWEROFF"
+          sync
+          poweroff -f
+        fi
+      fi
+    done
+    sleep 0.2
+  done
+}
+power_button &
+
+# tiny_poweroff_after=N on the kernel command line: power off after N state lines.
+poweroff_after=$(sed -n 's/.*tiny_poweroff_after=\([0-9]*\).*/\1/p' /proc/cmdline)
+
+join() { tr '\n' ',' | sed 's/,$//'; }
+counter=0
+while true; do
+  for f in /sys/devices/system/cpu/cpu*/online /sys/devices/system/memory/memory*/online; do
+    [ -e "$f" ] && [ "$(cat "$f")" = 0 ] && echo 1 > "$f" 2>/dev/null
+  done
+  cpus=$(grep -c ^processor /proc/cpuinfo)
+  memkb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
+  disks=$(ls /sys/block | grep ^vd | join)
+  nics=$(ls /sys/class/net | grep -v ^lo$ | join)
+  echo "TINY cpus=$cpus memkb=$memkb disks=$disks nics=$nics counter=$counter"
+  counter=$((counter + 1))
+  if [ -n "$poweroff_after" ] && [ "$counter" -ge "$poweroff_after" ]; then
+    echo "TINY-POWEROFF"
+    sync
+    poweroff -f
+  fi
+  sleep 0.5
+done
+"""
+
+
+@dataclass(frozen=True)
+class TinyGuest:
+    kernel: Path
+    initrd: Path
+
+    @staticmethod
+    def append(memory_hotplug: bool = False) -> str:
+        args = "console=ttyS0 quiet loglevel=1"
+        return args + (" memhp_default_state=online_movable" if memory_hotplug else "")
+
+
+def find_kernel(cache: Path = KERNEL_CACHE) -> tuple[Path, Path]:
+    """(vmlinuz, modules dir) of the unpacked stock kernel (ci/host-deps.sh puts it there)."""
+    kernels = sorted(glob.glob(str(cache / "boot" / "vmlinuz-*")))
+    if not kernels:
+        raise FileNotFoundError(f"no kernel under {cache}/boot (run ci/host-deps.sh)")
+    kernel = Path(kernels[-1])
+    version = kernel.name.removeprefix("vmlinuz-")
+    return kernel, cache / "lib" / "modules" / version
+
+
+def _read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    return lzma.decompress(data) if path.name.endswith(".xz") else data
+
+
+def _module_index(moddir: Path) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for p in moddir.rglob("*.ko*"):
+        name = p.name.split(".ko")[0].replace("-", "_")
+        index.setdefault(name, p)
+    return index
+
+
+def _deps_from_modules_dep(moddir: Path) -> dict[str, list[str]] | None:
+    dep = moddir / "modules.dep"
+    if not dep.exists():
+        return None
+    out: dict[str, list[str]] = {}
+    for line in dep.read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        name = Path(mod).name.split(".ko")[0].replace("-", "_")
+        out[name] = [Path(d).name.split(".ko")[0].replace("-", "_") for d in rest.split()]
+    return out
+
+
+def _depends_field(path: Path) -> list[str]:
+    # The .modinfo section holds NUL-separated key=value strings, `depends=` among them.
+    m = re.search(rb"\x00depends=([^\x00]*)\x00", _read_module(path))
+    if not m or not m.group(1):
+        return []
+    return [d.decode().replace("-", "_") for d in m.group(1).split(b",")]
+
+
+def resolve_modules(moddir: Path, wanted: tuple[str, ...] = WANTED_MODULES) -> list[Path]:
+    """Module files in load order (dependencies first). modules.dep when present, else
+    the `depends=` field of each module (an unpacked, never installed kernel has no
+    modules.dep). Built-in modules are skipped."""
+    index = _module_index(moddir)
+    table = _deps_from_modules_dep(moddir)
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        path = index.get(name)
+        if path is None:
+            return  # built into the kernel
+        deps = table.get(name, []) if table is not None else _depends_field(path)
+        for d in deps:
+            visit(d)
+        order.append(path)
+
+    for w in wanted:
+        visit(w)
+    return order
+
+
+def build(dest: Path, cache: Path = KERNEL_CACHE) -> TinyGuest:
+    """Build the initramfs into `dest` (created) and return the guest's boot files."""
+    kernel, moddir = find_kernel(cache)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="tinyguest-root-", dir=dest))
+    try:
+        for d in ("bin", "proc", "sys", "dev", "modules"):
+            (root / d).mkdir()
+        shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+        names = []
+        for i, mod in enumerate(resolve_modules(moddir)):
+            # Numbered so that the file order is the load order.
+            name = f"{i:02d}-{mod.name.split('.ko')[0]}.ko"
+            (root / "modules" / name).write_bytes(_read_module(mod))
+            names.append(name)
+        (root / "modules.list").write_text("\n".join(names) + "\n")
+        init = root / "init"
+        init.write_text(INIT)
+        init.chmod(0o755)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        cpio = subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input="\n".join(files).encode(),
+            stdout=subprocess.PIPE, check=True,
+        ).stdout
+        initrd = dest / "tiny-initrd.gz"
+        tmp = initrd.with_suffix(".tmp")
+        tmp.write_bytes(gzip.compress(cpio, compresslevel=6))
+        os.replace(tmp, initrd)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return TinyGuest(kernel=kernel, initrd=initrd)
+
+
+def parse_states(serial_log: str) -> list[dict[str, str]]:
+    """All `TINY ...` state lines of a serial log, oldest first."""
+    return [m.groupdict() for m in STATE_RE.finditer(serial_log)]

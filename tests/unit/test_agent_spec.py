@@ -1,0 +1,85 @@
+"""VM spec validation and the QEMU command line built from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from hvagent.vm.machine import VMFiles, build_command
+from hvagent.vm.spec import DiskSpec, VMSpec, parse_size
+
+FILES = VMFiles.for_vm("v", Path("/run/x"), Path("/log/x"), Path("/state/x"))
+TCG = ["-accel", "tcg"]
+
+
+def _arg(cmd: list[str], flag: str) -> list[str]:
+    return [cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
+
+
+def test_defaults_fill_limits() -> None:
+    s = VMSpec(name="v", vcpus=2, memory_mib=256)
+    assert (s.max_vcpus, s.max_memory_mib, s.memory_slots) == (2, 256, 0)
+    s = VMSpec(name="v", memory_mib=256, max_memory_mib=1024)
+    assert s.memory_slots == 8
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"vcpus": 3, "max_vcpus": 2}, "vcpus (3) is above max_vcpus (2)"),
+    ({"memory_mib": 300, "max_memory_mib": 200}, "memory_mib (300) is above max_memory_mib"),
+    ({"memory_mib": 100, "max_memory_mib": 200, "memory_slots": 0}, "needs memory_slots"),
+    ({"append": "quiet"}, "initrd and append need kernel"),
+    ({"disks": [{"path": "/a", "size": 1}]}, "exactly one of path"),
+    ({"disks": [{}]}, "exactly one of path"),
+    ({"disks": [{"size": "1X"}]}, "not a size"),
+    ({"nics": [{"mac": "zz:00:00:00:00:00"}]}, "not a MAC"),
+    ({"nics": [{"network": "br0"}]}, "'user'"),
+    ({"name": "a b"}, "String should match pattern"),
+])
+def test_bad_specs(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        VMSpec.model_validate({"name": "v", **fields})
+    assert message in str(e.value)
+
+
+def test_sizes_and_vhd_alias() -> None:
+    assert parse_size("512M") == 512 << 20 and parse_size("2GiB") == 2 << 30
+    assert DiskSpec(size="1G", format="vhd").format == "vpc"
+
+
+def test_command_line_from_spec() -> None:
+    spec = VMSpec(
+        name="v", vcpus=2, max_vcpus=4, memory_mib=256, max_memory_mib=1024,
+        disks=[DiskSpec(path="/img/a,b.qcow2", format="qcow2"),
+               DiskSpec(path="/img/b.vhd", format="vpc")],
+        nics=[{"mac": "52:54:00:00:00:01"}], boot_order=["network", "disk"],
+        kernel="/k", initrd="/i", append="console=ttyS0",
+    )
+    cmd = build_command(spec, FILES, TCG)
+    assert cmd[0] == "qemu-system-x86_64" and "-nodefaults" in cmd and "-daemonize" in cmd
+    assert _arg(cmd, "-machine") == ["q35"]
+    assert _arg(cmd, "-m") == ["256M,slots=8,maxmem=1024M"]
+    assert _arg(cmd, "-smp") == ["2,maxcpus=4"]
+    assert _arg(cmd, "-qmp") == ["unix:/run/x/v.qmp,server=on,wait=off"]
+    assert _arg(cmd, "-pidfile") == ["/run/x/v.pid"]
+    assert _arg(cmd, "-serial") == ["file:/log/x/v.serial.log"]
+    devices = _arg(cmd, "-device")
+    assert sum(d.startswith("pcie-root-port,") for d in devices) == 8
+    # network first, then the disks in order
+    assert "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01,bootindex=1" in devices
+    assert "virtio-blk-pci,drive=disk0,id=disk0,bootindex=2" in devices
+    assert "virtio-blk-pci,drive=disk1,id=disk1,bootindex=3" in devices
+    blockdevs = _arg(cmd, "-blockdev")
+    assert '"filename": "/img/a,b.qcow2"' in blockdevs[0] and '"driver": "vpc"' in blockdevs[1]
+    assert _arg(cmd, "-kernel") == ["/k"] and _arg(cmd, "-append") == ["console=ttyS0"]
+    assert cmd[cmd.index("-accel") + 1] == "tcg"
+
+
+def test_uefi_uses_a_per_vm_variable_store() -> None:
+    cmd = build_command(VMSpec(name="v", firmware="uefi"), FILES, TCG)
+    assert _arg(cmd, "-drive") == [
+        "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "if=pflash,format=raw,unit=1,file=/state/x/vms/v/OVMF_VARS.fd",
+    ]
+    assert "-m" in cmd and _arg(cmd, "-m") == ["512M"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -38,8 +39,10 @@ from builder.render import element_closure
 TARGET_COLD = 1.10
 TARGET_SIZE = 0.55
 TARGET_BOOT = 1.20
-# systemd's status line on the serial console once the agent's unit is active.
+# systemd's status line on the serial console once the agent's unit is active
+# (after its colour codes are stripped).
 AGENT_STARTED = "Started hvagent.service"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def say(msg: str) -> None:
@@ -129,11 +132,27 @@ def wait_for_sshd(machine: qemu.Machine, timeout: float = 600.0) -> float:
     raise qemu.BootError(f"no sshd banner after {timeout:.0f}s:\n{machine.serial_tail()}")
 
 
+def wait_for_console(machine: qemu.Machine, start: float, text: str,
+                     timeout: float = 600.0) -> float:
+    """Seconds from `start` until `text` is on the serial console, colours stripped."""
+    while time.monotonic() - start < timeout:
+        if not machine.running:
+            raise qemu.BootError("QEMU exited before the agent started")
+        try:
+            if text in ANSI.sub("", machine.serial_log.read_text(errors="replace")):
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise qemu.BootError(f"{text!r} not on the console after {timeout:.0f}s")
+
+
 def boot(image: Path, agent: bool) -> tuple[float, float | None]:
     opts = qemu.BootOptions(image=image, accel="tcg", snapshot=True, no_reboot=True)
     with qemu.Machine(opts) as machine:
+        start = time.monotonic()
         ssh = wait_for_sshd(machine)
-        started = machine.wait_for_serial(AGENT_STARTED) if agent else None
+        started = wait_for_console(machine, start, AGENT_STARTED) if agent else None
     say(f"  boot {image.name}: sshd {ssh:.1f}s"
         + (f", hvagent active {started:.1f}s" if started is not None else ""))
     return ssh, started

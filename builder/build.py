@@ -43,7 +43,9 @@ def plan(profile: Profile) -> tuple[list[Path], bool, outputs.Inputs]:
     except render.RenderError as e:
         raise profile.error("elements", str(e)) from None
     with_agent = any(p.name == "hvagent" for p in closure)
-    return closure, with_agent, outputs.input_hash(profile, closure, render.agent_source_hash())
+    # The agent's source is an input only of images that carry the agent.
+    agent = render.agent_source_hash() if with_agent else None
+    return closure, with_agent, outputs.input_hash(profile, closure, agent)
 
 
 def dry_run_command(profile: Profile, out_root: Path) -> dib.DibCommand:
@@ -80,6 +82,8 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
         tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{profile.name}.build-"))
         try:
             wheels = render.build_wheelhouse(inputs.parts["agent_source"]) if with_agent else None
+            if wheels is not None:
+                progress.note(f"agent wheels: {len(list(wheels.glob('*.whl')))} from {wheels}")
             elements_root = render.render_overlay(profile, tmp, wheels)
             result = tmp / "result"
             result.mkdir()

@@ -75,13 +75,22 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--no-console", action="store_true",
                            help="do not copy the serial console to the terminal")
         else:
-            s.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                           help="after --: extra pytest arguments")
+            s.epilog = "Arguments after -- go to pytest, e.g. corehost test IMAGE -- -k ssh"
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first -- is for pytest (`corehost test IMAGE -- -k ssh`).
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = parser().parse_args(argv)
+    if passthrough and args.command != "test":
+        print("corehost: arguments after -- are only for `corehost test`", file=sys.stderr)
+        return EXIT_USAGE
+    args.pytest_args = passthrough
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
@@ -228,7 +237,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     tests = image_tests_dir()
     if not tests.is_dir():
         raise UsageError(f"{display(tests)}: no image tests found")
-    extra = [a for a in args.pytest_args if a != "--"]
+    extra = list(args.pytest_args)
     with tempfile.TemporaryDirectory(prefix="corehost-test-") as tmp:
         key = Path(tmp) / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "corehost-test",

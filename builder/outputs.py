@@ -105,7 +105,7 @@ class Inputs:
     parts: dict[str, Any]
 
 
-def input_hash(profile: Profile, elements: list[Path], agent_hash: str) -> Inputs:
+def input_hash(profile: Profile, elements: list[Path], agent_hash: str | None) -> Inputs:
     """One hash over everything that shapes the image: resolved profile, every element
     used (with element-deps; templates live in them), agent source and DIB's version."""
     parts: dict[str, Any] = {

@@ -1,17 +1,48 @@
-"""Privileges and how routes declare them.
+"""Authentication and authorization of every API request, and how routes declare what
+they need.
 
-Every route declares the one privilege it needs with `Depends(require(...))`. For now
-the agent listens only on a root-only unix socket (0600), so `require` records the
-privilege on the request and lets it through; token -> principal -> role checks plug in
-here without touching any route. `route_privileges(app)` lists what each route needs.
+Every route declares the one privilege it needs, on an ACL path, with
+`Depends(require(Privilege.X, "/vms/{name}"))`; `route_privileges(app)` lists them and
+`check_routes(app)` refuses to build an app with a route that declares none.
+
+One request: `SecurityMiddleware` finds the principal (a bearer token, else a uid-0 peer on
+the unix socket is `root`) and answers 401 when there is none; the route's `Requirement`
+checks the principal's roles on the ACL path (hvagent.policy) and answers 403; the
+middleware then writes the audit entry of every mutating request and every denial, once.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from enum import StrEnum
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from hvagent.audit import AuditLog
+from hvagent.policy import (
+    ROOT,
+    AccessControl,
+    Admission,
+    HostPolicy,
+    PolicyDenied,
+    Principal,
+    Usage,
+    current_principal,
+    vm_of,
+)
+from hvagent.store import Store
+from hvagent.tokens import Tokens, TokenStatus
+
+log = logging.getLogger(__name__)
+
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Routes anyone may read: the API description and the CA certificate clients pin.
+PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+                          "/ca.pem"})
+PROBLEM = "application/problem+json"
 
 
 class Privilege(StrEnum):
@@ -34,6 +65,85 @@ class Privilege(StrEnum):
     PERMISSIONS_MODIFY = "Permissions.Modify"
 
 
+class Security:
+    """The running agent's access control: tokens, ACLs, VM owners, audit log."""
+
+    def __init__(self, store: Store, policy: HostPolicy, enforce: bool = True) -> None:
+        self.store = store
+        self.policy = policy
+        self.tokens = Tokens(store)
+        self.audit = AuditLog(store)
+        # enforce=False exists for bench/auth.py only (the same app without the checks).
+        self.enforce = enforce
+
+    def admission(self) -> Admission:
+        """The host-policy hook the VM service calls on create and resource changes."""
+        return Admission(self.policy, self.access(), usage=self.usage,
+                         record_owner=self.tokens.set_owner)
+
+    def access(self) -> AccessControl:
+        # Stored grants are read on every decision: `hvagent token create --role` on the
+        # host takes effect at once.
+        return AccessControl(self.policy, self.tokens.grants())
+
+    def authenticate(self, scope: MutableMapping[str, Any]) -> tuple[Principal | None, str,
+                                                                       str]:
+        """(principal, why-not, who-to-blame-in-the-audit-log)."""
+        if not self.enforce:
+            return Principal(ROOT), "", ROOT
+        header = None
+        for k, v in scope.get("headers", ()):
+            if k == b"authorization":
+                header = v.decode("latin-1")
+                break
+        if header is not None:
+            scheme, _, cred = header.strip().partition(" ")
+            if scheme.lower() != "bearer" or not cred.strip():
+                return None, "malformed Authorization header (expected: Bearer TOKEN)", "-"
+            info = self.tokens.lookup(cred.strip())
+            if info is None:
+                return None, "invalid token", "-"
+            status = info.status()
+            if status is not TokenStatus.VALID:
+                return None, f"token {info.id} is {status}", info.principal
+            return Principal(info.principal, info.id), "", info.principal
+        uid = (scope.get("state") or {}).get("peer_uid")
+        if uid == 0:
+            return Principal(ROOT), "", ROOT
+        who = f"uid:{uid}" if uid is not None else "-"
+        return None, "authentication required (Authorization: Bearer TOKEN)", who
+
+    def allowed(self, principal: Principal, privilege: str, path: str) -> bool:
+        if principal.is_root:
+            return True
+        vm = vm_of(path)
+        owner = self.tokens.owner(vm) if vm is not None else None
+        return self.access().allowed(principal, privilege, path, owner)
+
+    def usage(self, principal: str | None, exclude: str) -> Usage:
+        """vCPUs and memory (ceilings) of the host's VMs, or of those `principal` owns,
+        leaving out the VM `exclude` (the one being created or changed)."""
+        import json
+
+        sql = "SELECT v.name, v.spec FROM vms v"
+        args: tuple[Any, ...] = ()
+        if principal is not None:
+            sql += " JOIN vm_owners o ON o.name = v.name WHERE o.owner = ?"
+            args = (principal,)
+        vcpus = mem = count = 0
+        for r in self.store.query(sql, args):
+            if r["name"] == exclude:
+                continue
+            s = json.loads(r["spec"])
+            vcpus += max(s.get("vcpus") or 1, s.get("max_vcpus") or 0)
+            mem += max(s.get("memory_mib") or 0, s.get("max_memory_mib") or 0)
+            count += 1
+        return Usage(vcpus, mem, count)
+
+
+# route declarations
+
+
 class Requirement:
     """A route's privilege on an ACL path; path placeholders are filled from the URL."""
 
@@ -45,9 +155,21 @@ class Requirement:
         return self.path.format_map(_Default(request.path_params))
 
     async def __call__(self, request: Request) -> None:
-        # The unix socket is root-only: every caller is the local administrator.
-        request.state.privilege = self.privilege
-        request.state.acl_path = self.acl_path(request)
+        path = self.acl_path(request)
+        request.state.privilege = str(self.privilege)
+        request.state.acl_path = path
+        security: Security | None = getattr(request.app.state, "security", None)
+        if security is None:
+            raise HTTPException(503, "the agent is starting")
+        if not security.enforce:
+            return
+        principal: Principal | None = getattr(request.state, "principal", None)
+        if principal is None:  # the middleware answers 401 first; never reached
+            raise HTTPException(401, "authentication required")
+        if not security.allowed(principal, self.privilege, path):
+            msg = f"{principal.name} lacks {self.privilege} on {path}"
+            request.state.denial = msg
+            raise HTTPException(403, msg)
 
     def __repr__(self) -> str:
         return f"require({self.privilege}, {self.path!r})"
@@ -62,23 +184,172 @@ def require(privilege: Privilege, path: str = "/vms/{name}") -> Requirement:
     return Requirement(privilege, path)
 
 
-def route_privileges(app: Any) -> dict[tuple[str, str], Requirement]:
-    """(method, path) -> Requirement for every route of `app` that declares one."""
-    out: dict[tuple[str, str], Requirement] = {}
+def _routes(app: Any) -> Iterator[tuple[str, Any, Requirement | None]]:
+    """(full path, route, its Requirement or None) for every route of `app`."""
 
-    def walk(routes: Any, prefix: str) -> None:
+    def walk(routes: Any, prefix: str) -> Iterator[tuple[str, Any, Requirement | None]]:
         for route in routes:
             original = getattr(route, "original_router", None)
             if original is not None:  # FastAPI >= 0.13x includes routers lazily
-                walk(original.routes, prefix + route.include_context.prefix)
+                yield from walk(original.routes, prefix + route.include_context.prefix)
                 continue
             dependant = getattr(route, "dependant", None)
-            if dependant is None:
-                continue
-            for dep in dependant.dependencies:
-                if isinstance(dep.call, Requirement):
-                    for method in route.methods:
-                        out[(method, prefix + route.path)] = dep.call
+            req = None
+            if dependant is not None:
+                for dep in dependant.dependencies:
+                    if isinstance(dep.call, Requirement):
+                        req = dep.call
+            yield prefix + getattr(route, "path", ""), route, req
 
-    walk(app.routes, "")
+    yield from walk(app.routes, "")
+
+
+def route_privileges(app: Any) -> dict[tuple[str, str], Requirement]:
+    """(method, path) -> Requirement for every route of `app` that declares one."""
+    out: dict[tuple[str, str], Requirement] = {}
+    for path, route, req in _routes(app):
+        if req is not None:
+            for method in route.methods:
+                out[(method, path)] = req
     return out
+
+
+def undeclared_routes(app: Any) -> list[str]:
+    """Routes that are neither public nor declare a privilege."""
+    return sorted(f"{','.join(sorted(getattr(route, 'methods', None) or ['*']))} {path}"
+                  for path, route, req in _routes(app)
+                  if req is None and path not in PUBLIC_PATHS)
+
+
+def check_routes(app: Any) -> None:
+    missing = undeclared_routes(app)
+    if missing:
+        raise RuntimeError("routes without a declared privilege (add "
+                           "Depends(require(Privilege.X, PATH))): " + "; ".join(missing))
+
+
+# the middleware
+
+
+Scope = MutableMapping[str, Any]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class SecurityMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware): authentication, 401s, the audit entries."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        security: Security | None = getattr(scope["app"].state, "security", None)
+        state = scope.setdefault("state", {})
+        method, path = scope["method"], scope["path"]
+        action = f"{method} {path}"
+        if security is None:
+            await _problem(send, 503, "the agent is starting")
+            return
+        principal, why, who = security.authenticate(scope)
+        if principal is None and path not in PUBLIC_PATHS:
+            await _problem(send, 401, why, {"www-authenticate": "Bearer"})
+            security.audit.record(principal=who, action=action, privilege=None,
+                                  target=path, result="denied", status=401, detail=why)
+            return
+        state["principal"] = principal
+        status = [500]
+
+        async def send_status(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        reset = current_principal.set(principal)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            current_principal.reset(reset)
+            code = status[0]
+            if method in MUTATING or code in (401, 403):
+                result = "ok" if code < 400 else "denied" if code in (401, 403) else "failed"
+                security.audit.record(
+                    principal=principal.name if principal else who, action=action,
+                    privilege=state.get("privilege"), target=state.get("acl_path", path),
+                    result=result, status=code, detail=state.get("denial", ""))
+
+
+async def _problem(send: Send, status: int, detail: str,
+                   headers: dict[str, str] | None = None) -> None:
+    resp = JSONResponse({"type": "about:blank", "title": "unauthorized" if status == 401
+                         else "unavailable", "status": status, "detail": detail},
+                        status_code=status, media_type=PROBLEM, headers=headers)
+    await resp({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> MutableMapping[str, Any]:
+    return {"type": "http.disconnect"}
+
+
+# wiring
+
+
+def install(app: FastAPI) -> None:
+    """Enforce and document access control on `app`: refuses to build it when a route
+    declares no privilege. Call after all routers are included."""
+    check_routes(app)
+    app.add_middleware(SecurityMiddleware)
+
+    @app.exception_handler(PolicyDenied)
+    async def _denied(request: Request, exc: PolicyDenied) -> JSONResponse:
+        request.state.denial = exc.message
+        return JSONResponse({"type": "about:blank", "title": "forbidden", "status": 403,
+                             "detail": exc.message, "kind": "policy"},
+                            status_code=403, media_type=PROBLEM)
+
+    _document(app)
+
+
+_PROBLEM_SCHEMA = {
+    "type": "object", "required": ["title", "status", "detail"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                   "status": {"type": "integer"}, "detail": {"type": "string"}},
+}
+
+
+def _document(app: FastAPI) -> None:
+    """Put what access control adds into the OpenAPI document: the bearer scheme, each
+    operation's privilege (x-privilege, x-acl-path), its 401/403 answers, and the
+    problem+json body every error (also 422) really has."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        problem = {"$ref": "#/components/schemas/Problem"}
+        comps = schema.setdefault("components", {})
+        comps.setdefault("schemas", {})["Problem"] = _PROBLEM_SCHEMA
+        comps.setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer",
+            "description": "API token from `hvagent token create` (a uid-0 peer on the "
+                           "unix socket needs none)"}
+        for (method, path), req in route_privileges(app).items():
+            op = schema.get("paths", {}).get(path, {}).get(method.lower())
+            if op is None:
+                continue
+            op["x-privilege"] = str(req.privilege)
+            op["x-acl-path"] = req.path
+            op["security"] = [{"bearer": []}]
+            responses = op.setdefault("responses", {})
+            for code, text in (("401", "no valid token"), ("403", "not allowed"),
+                               ("422", "invalid request")):
+                if code == "422" and code not in responses:
+                    continue
+                responses[code] = {"description": text,
+                                   "content": {PROBLEM: {"schema": problem}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -8,12 +8,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hvagent.errors import InvalidRequest
 from hvagent.vm.accel import Accel
 
 DEFAULT_CONFIG = Path("/etc/hvagent/hvagent.yaml")
+
+
+class TLSConfig(BaseModel):
+    """The HTTPS listener (off unless `listen` is set). Without `cert`/`key` the agent
+    makes its own CA and server certificate in state_dir/tls on first start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str | None = Field(default=None, pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$",
+                               description="HOST:PORT, e.g. 0.0.0.0:8443")
+    cert: Path | None = None
+    key: Path | None = None
+    hostnames: list[str] = Field(default_factory=list,
+                                 description="extra names/IPs in a generated server cert")
 
 
 class AgentConfig(BaseModel):
@@ -25,6 +39,9 @@ class AgentConfig(BaseModel):
     run_dir: Path = Path("/run/hvagent")
     log_dir: Path = Path("/var/log/hvagent")
     accel: Accel = Accel.AUTO
+    tls: TLSConfig = TLSConfig()
+    policy: Path = Path("/etc/hvagent/policy.yaml")  # hvagent.policy; missing = no limits
+    token_ttl: str = Field(default="90d", description="default expiry of new API tokens")
 
     @property
     def database(self) -> Path:

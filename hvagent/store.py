@@ -46,6 +46,42 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX jobs_target ON jobs(target);
     """,
+    # 3: access control and audit (hvagent.tokens, hvagent.audit)
+    """
+    CREATE TABLE tokens (
+        id         TEXT PRIMARY KEY,
+        principal  TEXT NOT NULL,
+        hash       TEXT NOT NULL UNIQUE,
+        comment    TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        revoked_at REAL
+    );
+    CREATE TABLE acl (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        path      TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        role      TEXT NOT NULL,
+        propagate INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (path, principal, role)
+    );
+    CREATE TABLE vm_owners (
+        name  TEXT PRIMARY KEY REFERENCES vms(name) ON DELETE CASCADE,
+        owner TEXT NOT NULL
+    );
+    CREATE TABLE audit (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        time      REAL NOT NULL,
+        principal TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        privilege TEXT,
+        target    TEXT NOT NULL,
+        result    TEXT NOT NULL,
+        status    INTEGER NOT NULL,
+        detail    TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_time ON audit(time);
+    """,
 ]
 
 

@@ -9,10 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from hvagent.api import errors, v1
+from hvagent import auth
+from hvagent.api import audit, errors, listeners, v1
 from hvagent.config import AgentConfig, agent_version
 from hvagent.jobs import Jobs
+from hvagent.policy import load_policy
 from hvagent.store import Store
+from hvagent.vm.devices import DeviceService
 from hvagent.vm.service import VMService
 
 
@@ -23,6 +26,9 @@ def create_app(config: AgentConfig) -> FastAPI:
         store = Store(config.database)
         jobs = Jobs(store)
         vms = VMService(config, store, jobs)
+        app.state.security = security = auth.Security(store, policy)
+        vms.admission = security.admission()
+        app.state.devices = DeviceService(vms)  # before startup: it listens to QMP events
         # Probe the accelerator once before serving (cached per host boot).
         await asyncio.to_thread(lambda: vms.accel)
         await vms.startup()
@@ -33,8 +39,12 @@ def create_app(config: AgentConfig) -> FastAPI:
             await vms.shutdown()
             store.close()
 
+    policy = load_policy(config.policy)  # a bad policy file stops the agent before it serves
     app = FastAPI(title="hvagent", version=agent_version(), lifespan=lifespan,
                   description="Child VM (partition) management of a corehost host.")
     errors.install(app)
     app.include_router(v1.router)
+    app.include_router(audit.router, prefix="/api/v1")
+    listeners.add_ca_route(app, config)
+    auth.install(app)  # last: it checks every route declares a privilege
     return app

@@ -1,9 +1,11 @@
-"""`hvagent serve`: the agent daemon (REST API on a root-only unix socket)."""
+"""`hvagent serve`: the agent daemon (REST API on a unix socket for root and group
+hvagent, plus HTTPS when configured); `hvagent token`: API tokens."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import logging
 import os
 import socket
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import uvicorn
 
+from hvagent.api import listeners
 from hvagent.api.app import create_app
+from hvagent.cli import token_cmd
 from hvagent.config import AgentConfig, load_config
 from hvagent.errors import HVError
 
@@ -20,7 +24,8 @@ log = logging.getLogger("hvagent")
 
 
 def bind_unix(path: Path) -> socket.socket:
-    """A listening unix socket only root (the owner) may use: mode 0600."""
+    """A listening unix socket for root and group hvagent (0660; 0600 if the group does
+    not exist). Peers other than uid 0 still need a token (hvagent.auth)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX)
@@ -38,7 +43,11 @@ def bind_unix(path: Path) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
+    try:
+        os.chown(path, -1, grp.getgrnam("hvagent").gr_gid)
+        os.chmod(path, 0o660)
+    except KeyError:
+        pass  # no hvagent group on this machine: root only
     sock.listen(128)
     return sock
 
@@ -47,10 +56,11 @@ async def serve(config: AgentConfig) -> None:
     sock = bind_unix(config.listen)
     server = uvicorn.Server(uvicorn.Config(
         create_app(config), log_config=None, access_log=False, lifespan="on",
+        http=listeners.PeerCredProtocol,  # peer uid 0 is the root principal
     ))
     log.info("listening on %s", config.listen)
     try:
-        await server.serve(sockets=[sock])
+        await listeners.serve(server, sock, config)
     finally:
         sock.close()
         config.listen.unlink(missing_ok=True)
@@ -64,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="configuration file (default /etc/hvagent/hvagent.yaml if present)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    token_cmd.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "token":
+        try:
+            return token_cmd.run(args)
+        except HVError as e:
+            print(f"hvagent: {e.message}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         # journald adds its own timestamps

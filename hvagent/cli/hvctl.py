@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,6 +15,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from hvagent.cli import hvctl_audit, pinning
 from hvagent.config import load_config
 from hvagent.errors import HVError
 
@@ -34,11 +36,18 @@ def default_socket() -> Path:
 
 
 def _client(args: argparse.Namespace, timeout: float | None) -> httpx.Client:
+    token = args.token or os.environ.get("HVCTL_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     if args.url:
-        return httpx.Client(base_url=args.url.rstrip("/"), timeout=timeout)
+        try:
+            verify = pinning.ssl_context(args.url, args.ca_fingerprint)
+        except HVError as e:
+            raise CLIError(e.message) from e
+        return httpx.Client(base_url=args.url.rstrip("/"), timeout=timeout, headers=headers,
+                            verify=verify)
     sock = args.socket or default_socket()
     return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
-                        base_url="http://hvagent", timeout=timeout)
+                        base_url="http://hvagent", timeout=timeout, headers=headers)
 
 
 def call(args: argparse.Namespace, method: str, path: str, *, body: Any = None,
@@ -148,6 +157,12 @@ def _state_line(vm: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command == "audit":
+        try:
+            hvctl_audit.run(args, call)
+        except HVError as e:
+            raise CLIError(e.message) from e
+        return
     cmd = args.vm_command
     if cmd == "create":
         vm = call(args, "POST", "/vms", body=_spec(args), timeout=300)
@@ -180,10 +195,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvctl", description="Manage child VMs through hvagent.")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", type=Path, help="agent unix socket")
-    where.add_argument("--url", help="agent base URL (http://host:port)")
+    where.add_argument("--url", help="agent base URL (https://host:port)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--token", help="API token (default: $HVCTL_TOKEN; root on the local "
+                   "socket needs none)")
+    p.add_argument("--ca-fingerprint", metavar="SHA256",
+                   help="pin the agent's CA (logged by the agent at start); remembered per URL")
     top = p.add_subparsers(dest="command", required=True)
     vm = top.add_parser("vm", help="child VMs").add_subparsers(dest="vm_command", required=True)
+    hvctl_audit.add_parser(top)
 
     c = vm.add_parser("create", help="define a VM")
     c.add_argument("name")

@@ -67,10 +67,12 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str]) -> list[s
         QEMU, "-name", f"{spec.name},debug-threads=on",
         "-machine", "q35", "-nodefaults", "-no-user-config", "-display", "none",
         *accel_args,
-        "-smp", f"{spec.vcpus},maxcpus={spec.max_vcpus}",
+        # Hot-added vCPUs and DIMMs are not on the command line: hvagent.vm.devices
+        # plugs them again (like slotted disks and NICs) while QEMU waits (-S).
+        "-smp", f"{spec.vcpus - spec.hot_vcpus},maxcpus={spec.max_vcpus}",
     ]
     if spec.memory_slots:
-        cmd += ["-m", f"{spec.memory_mib}M,slots={spec.memory_slots},"
+        cmd += ["-m", f"{spec.boot_memory_mib}M,slots={spec.memory_slots},"
                       f"maxmem={spec.max_memory_mib}M"]
     else:
         cmd += ["-m", f"{spec.memory_mib}M"]
@@ -95,11 +97,15 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str]) -> list[s
             index[(kind, i)] = len(index) + 1
     for i, d in enumerate(spec.disks):
         assert d.path is not None and d.format is not None
+        if d.slot is not None:
+            continue  # hot-attached: plugged over QMP
         dev = f"virtio-blk-pci,drive=disk{i},id=disk{i}"
         if (BootDevice.DISK, i) in index:
             dev += f",bootindex={index[(BootDevice.DISK, i)]}"
         cmd += ["-blockdev", _blockdev(f"disk{i}", d.path, d.format), "-device", dev]
     for i, n in enumerate(spec.nics):
+        if n.slot is not None:
+            continue  # hot-added: plugged over QMP
         dev = f"{n.model},netdev=net{i},id=nic{i},mac={n.mac}"
         if (BootDevice.NETWORK, i) in index:
             dev += f",bootindex={index[(BootDevice.NETWORK, i)]}"

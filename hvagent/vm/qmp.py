@@ -63,7 +63,7 @@ class Monitor:
         try:
             return await self._client.execute(cmd, args)
         except ExecuteError as e:
-            raise OperationFailed(f"{self.name}: {cmd}: {e.error.desc}") from e
+            raise OperationFailed(f"{self.name}: {cmd}: {e}") from e  # str(e) is QEMU's desc
         except (QMPError, EOFError, OSError) as e:  # disconnected, before or during
             raise MonitorGone(f"{self.name}: QMP connection lost during {cmd}") from e
 
@@ -84,7 +84,8 @@ class Monitor:
     async def _watch_events(self) -> None:
         async for event in self._client.events:
             if self._on_event is not None:
-                self._on_event(str(event["event"]), dict(event.get("data", {})))
+                data = event.get("data")
+                self._on_event(str(event["event"]), data if isinstance(data, dict) else {})
 
     async def _watch_connection(self) -> None:
         while True:

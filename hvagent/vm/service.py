@@ -9,10 +9,11 @@ a time per VM), `VMService.monitor(name)` (the VM's QMP connection) and `VMServi
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from pydantic import BaseModel
 from hvagent.config import AgentConfig
 from hvagent.errors import Busy, Conflict, HVError, InvalidRequest, NotFound, OperationFailed
 from hvagent.jobs import Jobs
+from hvagent.policy import Admission
 from hvagent.store import Store, VMRow
-from hvagent.vm import machine
+from hvagent.vm import devices, machine
 from hvagent.vm.accel import AccelChoice, choose_accel
 from hvagent.vm.machine import VMFiles
 from hvagent.vm.qmp import Monitor, MonitorGone
@@ -86,6 +88,12 @@ class VMService:
         self._accel: AccelChoice | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.storage_dir = config.storage_dir.resolve()
+        # Host policy (quotas, disk formats, VLANs, nested virt); the app sets the real one.
+        self.admission = Admission()
+        # Extensions (hvagent.vm.devices, hvagent.vm.checkpoints): QMP events with their
+        # data (vm, event, data), and recovery work run once the VMs are reattached.
+        self.event_listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
+        self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # lifecycle of the service itself
 
@@ -96,6 +104,8 @@ class VMService:
             log.info("marked %d interrupted jobs failed", failed)
         for row in self.store.list_vms():
             await self._observe(row)
+        for hook in self.startup_hooks:
+            await hook()
 
     async def shutdown(self) -> None:
         """Drop QMP connections; the VMs keep running."""
@@ -142,12 +152,15 @@ class VMService:
         with self.locks.hold(spec.name, "create"):
             if self.store.get_vm(spec.name) is not None:
                 raise Conflict(f"{spec.name}: a VM with this name already exists")
-            created: list[Path] = []
+            self.admission.admit(spec)  # before anything is made
+            # `list` alone would name the method below (mypy resolves it in class scope).
+            created: builtins.list[Path] = []
             files = self.files(spec.name)
             try:
                 spec = await self._resolve(spec, created)
                 machine.prepare_files(spec, files)
                 self.store.insert_vm(spec.name, spec.model_dump_json(), VMState.DEFINED)
+                self.admission.created(spec.name)
             except BaseException:
                 # Nothing half-made stays behind: no disk, no per-VM files, no row.
                 for p in created:
@@ -162,17 +175,40 @@ class VMService:
             if row.state in ACTIVE:
                 raise Conflict(f"{name}: already {row.state}")
             spec = VMSpec.model_validate_json(row.spec)
-            files = self.files(name)
-            cmd = machine.build_command(spec, files, self.accel.qemu_args)
-            log.info("%s: starting: %s", name, " ".join(cmd))
-            pid = await machine.launch(cmd, files)
+            settled = devices.settle_pending(spec)  # unplugs the guest never completed
+            if settled != spec:
+                self.store.update_vm(name, spec=settled.model_dump_json())
+                spec = settled
+            pid = await self.launch_paused(name, spec)
             try:
-                await self._attach(name, files)
+                await self._mon(name).execute("cont")
             except BaseException:
                 machine.kill(pid)
                 raise
             self.store.update_vm(name, state=VMState.RUNNING, pid=pid, last_error=None)
         return await self.get(name)
+
+    async def launch_paused(self, name: str, spec: VMSpec) -> int:
+        """Start QEMU for `spec` with the guest not yet running (-S), attach QMP and
+        plug the hot-added devices again; returns QEMU's pid. The caller holds the VM's
+        lock and records the new state (start: `cont`; checkpoint revert: load first)."""
+        files = self.files(name)
+        cmd = machine.build_command(spec, files,
+                                    self.admission.qemu_args(self.accel.qemu_args)) + ["-S"]
+        log.info("%s: starting: %s", name, " ".join(cmd))
+        pid = await machine.launch(cmd, files)
+        try:
+            await self._attach(name, files)
+            await devices.replay(self._mon(name), spec)
+        except BaseException:
+            machine.kill(pid)
+            raise
+        return pid
+
+    async def end_qemu(self, name: str) -> None:
+        """End the VM's QEMU at once (no guest shutdown); the caller holds the lock and
+        records the new state."""
+        await self._quit(name, self._row(name).pid)
 
     async def stop(self, name: str, force: bool = False,
                    timeout: float = DEFAULT_STOP_TIMEOUT) -> VMInfo:
@@ -205,7 +241,7 @@ class VMService:
             await self._mon(name).execute("system_reset")
         return await self.get(name)
 
-    async def delete(self, name: str, keep_disks: bool = False) -> list[str]:
+    async def delete(self, name: str, keep_disks: bool = False) -> builtins.list[str]:
         """Remove the VM; its agent-created disks too unless `keep_disks`. Disks that
         existed before the VM are never removed. Returns the removed disk paths."""
         with self.locks.hold(name, "delete"):
@@ -255,7 +291,7 @@ class VMService:
             self.store.update_vm(name, state=result)
         return await self.get(name)
 
-    async def _resolve(self, spec: VMSpec, created: list[Path]) -> VMSpec:
+    async def _resolve(self, spec: VMSpec, created: builtins.list[Path]) -> VMSpec:
         """Check every file the spec names and create its new disks (recorded in
         `created` as they appear, so the caller can remove them on failure)."""
         for field in ("kernel", "initrd"):
@@ -300,7 +336,7 @@ class VMService:
 
     async def _attach(self, name: str, files: VMFiles) -> None:
         await self._drop_monitor(name)
-        mon = Monitor(name, on_event=lambda ev, data: self._on_event(name, ev),
+        mon = Monitor(name, on_event=lambda ev, data: self._on_event(name, ev, data),
                       on_lost=lambda: self._on_lost(name))
         await mon.connect(files.qmp)
         self._monitors[name] = mon
@@ -310,9 +346,11 @@ class VMService:
         if mon is not None:
             await mon.close()
 
-    def _on_event(self, name: str, event: str) -> None:
+    def _on_event(self, name: str, event: str, data: dict[str, Any] | None = None) -> None:
         if event in ("SHUTDOWN", "STOP", "RESUME"):
             self._spawn(self._observe_quietly(name))
+        for listener in self.event_listeners:
+            listener(name, event, data or {})
 
     def _on_lost(self, name: str) -> None:
         self._spawn(self._observe_quietly(name))

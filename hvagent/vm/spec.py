@@ -64,6 +64,8 @@ class DiskSpec(BaseModel):
     size: int | None = Field(default=None, gt=0, description="bytes; for a new disk")
     format: DiskFormat | None = None
     created: bool = Field(default=False, description="the agent created it (and owns it)")
+    slot: int | None = Field(default=None, ge=0, description=(
+        "hotplug port it sits on (hot-attached, so hot-detachable); None: fixed at boot"))
 
     @field_validator("format", mode="before")
     @classmethod
@@ -91,6 +93,8 @@ class NicSpec(BaseModel):
     network: Literal["user"] = "user"  # user-mode networking until networks exist
     model: Literal["virtio-net-pci"] = "virtio-net-pci"
     mac: str = Field(default_factory=lambda: random_mac())
+    slot: int | None = Field(default=None, ge=0, description=(
+        "hotplug port it sits on (hot-added, so hot-removable); None: fixed at boot"))
 
     @field_validator("mac")
     @classmethod
@@ -99,6 +103,26 @@ class NicSpec(BaseModel):
         if not MAC_RE.match(v):
             raise ValueError(f"not a MAC address: {v!r}")
         return v
+
+
+class DimmSpec(BaseModel):
+    """A hot-added memory module (pc-dimm) in memory slot `slot`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slot: int = Field(ge=0)
+    size_mib: int = Field(ge=128)
+
+
+class PendingUnplug(BaseModel):
+    """A removal QEMU was asked for that the guest has not completed yet. It completes
+    when the guest ejects the device, at the latest on the VM's next power cycle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["vcpu", "memory", "disk", "nic"]
+    device: str  # QEMU device id
+    requested_at: float
 
 
 def random_mac() -> str:
@@ -123,6 +147,15 @@ class VMSpec(BaseModel):
     initrd: str | None = None
     append: str | None = None
     hotplug_ports: int = Field(default=DEFAULT_HOTPLUG_PORTS, ge=0, le=32)
+    # Hot-added resources (hvagent.vm.devices). They are plugged again over QMP on every
+    # start, before the guest runs, so that a checkpoint's device state always matches.
+    hot_vcpus: int = Field(default=0, ge=0, description="of `vcpus`, how many are hot-added")
+    dimms: list[DimmSpec] = Field(default_factory=list, description="within `memory_mib`")
+    pending_unplugs: list[PendingUnplug] = Field(default_factory=list)
+
+    @property
+    def boot_memory_mib(self) -> int:
+        return self.memory_mib - sum(d.size_mib for d in self.dimms)
 
     @model_validator(mode="after")
     def _limits(self) -> VMSpec:
@@ -143,6 +176,17 @@ class VMSpec(BaseModel):
             raise ValueError("max_memory_mib above memory_mib needs memory_slots >= 1")
         if (self.initrd or self.append) and not self.kernel:
             raise ValueError("initrd and append need kernel")
+        if self.hot_vcpus >= self.vcpus:
+            raise ValueError(f"hot_vcpus ({self.hot_vcpus}) must be below vcpus ({self.vcpus})")
+        if self.boot_memory_mib < 16:
+            raise ValueError("dimms add up to more than memory_mib")
+        dimm_slots = [d.slot for d in self.dimms]
+        if len(set(dimm_slots)) != len(dimm_slots) or any(
+                s >= self.memory_slots for s in dimm_slots):
+            raise ValueError("dimms: slots must be distinct and below memory_slots")
+        ports = [x.slot for x in (*self.disks, *self.nics) if x.slot is not None]
+        if len(set(ports)) != len(ports) or any(p >= self.hotplug_ports for p in ports):
+            raise ValueError("disk/NIC slots must be distinct and below hotplug_ports")
         macs = [n.mac for n in self.nics]
         if len(set(macs)) != len(macs):
             raise ValueError("two NICs have the same MAC address")

@@ -41,7 +41,7 @@ def test_kvm_modules_loaded_with_nesting(host):
 
 
 def test_dev_kvm_creates_a_vm(host):
-    assert host.file("/dev/kvm").is_char_device
+    assert host.run("test -c /dev/kvm").rc == 0, "/dev/kvm is not a character device"
     out = host.check_output(f'python3 -c "{CREATE_VM}"')
     assert int(out) >= 0
 

@@ -48,27 +48,31 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules.list); do insmod "/modules/$m" 2>/dev/null; done
 ip link set lo up 2>/dev/null
-echo "TINY-BOOT ok"
-
-# ACPI power button: block on its evdev node; any event is a press.
-power_button() {
-  while true; do
-    for ev in /sys/class/input/event*; do
-      [ -e "$ev/device/name" ] || continue
-      if [ "$(cat "$ev/device/name")" = "Power Button" ]; then
-        # The node may not exist yet right after the module load: only a real read counts.
-        n=$(dd if="/dev/input/${ev##*/}" bs=24 count=1 2>/dev/null | wc -c)
-        if [ "$n" -ge 24 ]; then
-          echo "TINY-POWEROFF"
-          sync
-          poweroff -f
-        fi
-      fi
-    done
-    sleep 0.2
+# ACPI power button: open its evdev node before announcing the boot, so that a press
+# right after the marker is queued for us, then block on one event (= a press).
+pwrbtn=""
+for i in $(seq 50); do
+  for ev in /sys/class/input/event*; do
+    [ -e "$ev/device/name" ] && [ "$(cat "$ev/device/name")" = "Power Button" ] \
+      && [ -e "/dev/input/${ev##*/}" ] && pwrbtn="/dev/input/${ev##*/}"
   done
-}
-power_button &
+  [ -n "$pwrbtn" ] && break
+  sleep 0.1
+done
+if [ -n "$pwrbtn" ]; then
+  exec 3< "$pwrbtn"
+  (
+    n=$(dd bs=24 count=1 <&3 2>/dev/null | wc -c)
+    if [ "$n" -ge 24 ]; then
+      echo "TINY-POWEROFF"
+      sync
+      poweroff -f
+    fi
+  ) &
+else
+  echo "TINY-WARNING no ACPI power button"
+fi
+echo "TINY-BOOT ok"
 
 # tiny_poweroff_after=N on the kernel command line: power off after N state lines.
 poweroff_after=$(sed -n 's/.*tiny_poweroff_after=\([0-9]*\).*/\1/p' /proc/cmdline)

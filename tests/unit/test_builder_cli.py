@@ -51,3 +51,12 @@ def test_real_profiles_resolve(capsys: pytest.CaptureFixture[str]) -> None:
 def test_test_command_needs_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["test", str(tmp_path / "missing.qcow2")]) == 2
     assert "missing.qcow2: no such image" in capsys.readouterr().err
+
+
+def test_pytest_passthrough_only_for_test(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["build", "server-core", "--dry-run", "--", "-k", "x"]) == 2
+    assert "only for `corehost test`" in capsys.readouterr().err
+    # options after the image still belong to corehost, not to pytest
+    assert cli.main(["test", str(tmp_path / "none.qcow2"), "--accel", "tcg", "--", "-x"]) == 2
+    assert "none.qcow2: no such image" in capsys.readouterr().err

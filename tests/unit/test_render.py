@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from builder import outputs, render
+from builder import build, render
 from builder.profile import load
 
 PROFILE = """\
 name: web
-elements: [debian-minimal, vm, agentish]
+elements: [debian-minimal, vm, hvagent]
 agent: {listen: /run/x/x.sock}
 users:
   - name: admin
@@ -23,7 +23,7 @@ users:
 
 @pytest.fixture()
 def web(fake_root: Path, add_element: Callable[..., Path]) -> Path:
-    add_element("agentish", {
+    add_element("hvagent", {
         "templates/etc/hvagent/hvagent.yaml.j2":
             "# for {{ profile.name }}\nlisten: {{ profile.agent.listen }}\n",
         "templates/usr/local/bin/hello.j2": "#!/bin/sh\necho {{ profile.name }}\n",
@@ -32,7 +32,7 @@ def web(fake_root: Path, add_element: Callable[..., Path]) -> Path:
         "templates/etc/corehost/users.j2":
             "{% for u in profile.users %}{{ u.name }} {{ u.ssh_keys | length }}\n{% endfor %}",
     })
-    (fake_root / "elements/agentish/templates/usr/local/bin/hello.j2").chmod(0o755)
+    (fake_root / "elements/hvagent/templates/usr/local/bin/hello.j2").chmod(0o755)
     path = fake_root / "profiles" / "web.yaml"
     path.write_text(PROFILE)
     return path
@@ -97,7 +97,7 @@ def test_two_elements_rendering_one_path_is_an_error(web: Path, fake_root: Path,
 
 def test_closure_follows_element_deps_and_dib_defaults(web: Path) -> None:
     names = [p.name for p in render.element_closure(load(web).elements)]
-    assert {"agentish", "helper", "debian-minimal", "vm", "block-device-mbr", "base"} <= set(names)
+    assert {"hvagent", "helper", "debian-minimal", "vm", "block-device-mbr", "base"} <= set(names)
 
 
 def test_unknown_element_is_an_error(fake_root: Path) -> None:
@@ -106,9 +106,7 @@ def test_unknown_element_is_an_error(fake_root: Path) -> None:
 
 
 def _digest(profile_path: Path) -> str:
-    p = load(profile_path)
-    return outputs.input_hash(p, render.element_closure(p.elements),
-                              render.agent_source_hash()).digest
+    return build.plan(load(profile_path))[2].digest
 
 
 def test_input_hash_changes_with_each_input(web: Path, fake_root: Path) -> None:
@@ -134,3 +132,13 @@ def test_input_hash_changes_with_each_input(web: Path, fake_root: Path) -> None:
 
     web.write_text(web.read_text() + "kernel_cmdline: quiet\n")
     assert _digest(web) != with_agent
+
+
+def test_agent_source_is_an_input_only_of_images_with_the_agent(web: Path,
+                                                               fake_root: Path) -> None:
+    bare = fake_root / "profiles" / "bare.yaml"
+    bare.write_text("name: bare\nelements: [debian-minimal, vm]\n")
+    with_agent, without = _digest(web), _digest(bare)
+    (fake_root / "hvagent" / "api.py").write_text("ROUTES = []\n")
+    assert _digest(web) != with_agent
+    assert _digest(bare) == without

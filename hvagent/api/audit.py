@@ -1,0 +1,24 @@
+"""REST v1: the audit log (/api/v1/audit), read-only: entries cannot be changed or removed
+through the API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from hvagent.audit import AuditEntry
+from hvagent.auth import Privilege as P
+from hvagent.auth import Security, require
+
+router = APIRouter(prefix="/audit", tags=["audit"])
+
+
+@router.get("", dependencies=[Depends(require(P.SYS_AUDIT, "/"))])
+async def list_audit(
+    request: Request,
+    since: Annotated[float | None, Query(ge=0, description="unix time")] = None,
+    limit: Annotated[int, Query(ge=1, le=100000)] = 1000,
+) -> list[AuditEntry]:
+    security: Security = request.app.state.security
+    return security.audit.list(since=since, limit=limit)

@@ -1,0 +1,86 @@
+"""REST v1: resources of a VM that change while it runs (/api/v1/vms/{name}/...):
+memory, vCPUs, disks, NICs. A removal the guest has not completed answers 202 with
+status "pending"; it also shows in the VM's spec (`pending_unplugs`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from hvagent.auth import Privilege as P
+from hvagent.auth import require
+from hvagent.vm.devices import DEFAULT_UNPLUG_TIMEOUT, Change, DeviceService
+from hvagent.vm.spec import DiskSpec, NicSpec
+
+router = APIRouter(prefix="/vms", tags=["devices"])
+
+
+def _devices(request: Request) -> DeviceService:
+    return request.app.state.devices  # type: ignore[no-any-return]
+
+
+Devices = Annotated[DeviceService, Depends(_devices)]
+Timeout = Annotated[float, Query(gt=0, le=600, description="seconds to wait for the guest "
+                                                          "to release a removed device")]
+
+
+class MemoryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    memory_mib: int = Field(ge=16)
+
+
+class VcpusRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vcpus: int = Field(ge=1, le=255)
+
+
+def _answer(change: Change, response: Response) -> Change:
+    if change.status == "pending":
+        response.status_code = status.HTTP_202_ACCEPTED
+    return change
+
+
+@router.get("/{name}/devices", dependencies=[Depends(require(P.VM_AUDIT, "/vms/{name}"))])
+async def show_devices(name: str, svc: Devices) -> dict[str, Any]:
+    return await svc.devices(name)
+
+
+@router.put("/{name}/memory",
+            dependencies=[Depends(require(P.VM_CONFIG_MEMORY, "/vms/{name}"))])
+async def set_memory(name: str, body: MemoryRequest, svc: Devices, response: Response,
+                     timeout: Timeout = DEFAULT_UNPLUG_TIMEOUT) -> Change:
+    return _answer(await svc.set_memory(name, body.memory_mib, timeout), response)
+
+
+@router.put("/{name}/vcpus", dependencies=[Depends(require(P.VM_CONFIG_CPU, "/vms/{name}"))])
+async def set_vcpus(name: str, body: VcpusRequest, svc: Devices, response: Response,
+                    timeout: Timeout = DEFAULT_UNPLUG_TIMEOUT) -> Change:
+    return _answer(await svc.set_vcpus(name, body.vcpus, timeout), response)
+
+
+@router.post("/{name}/disks", status_code=status.HTTP_201_CREATED,
+             dependencies=[Depends(require(P.VM_CONFIG_DISK, "/vms/{name}"))])
+async def attach_disk(name: str, disk: DiskSpec, svc: Devices) -> Change:
+    return await svc.attach_disk(name, disk)
+
+
+@router.delete("/{name}/disks",
+               dependencies=[Depends(require(P.VM_CONFIG_DISK, "/vms/{name}"))])
+async def detach_disk(name: str, path: str, svc: Devices, response: Response,
+                      timeout: Timeout = DEFAULT_UNPLUG_TIMEOUT) -> Change:
+    return _answer(await svc.detach_disk(name, path, timeout), response)
+
+
+@router.post("/{name}/nics", status_code=status.HTTP_201_CREATED,
+             dependencies=[Depends(require(P.VM_CONFIG_NETWORK, "/vms/{name}"))])
+async def add_nic(name: str, nic: NicSpec, svc: Devices) -> Change:
+    return await svc.add_nic(name, nic)
+
+
+@router.delete("/{name}/nics/{mac}",
+               dependencies=[Depends(require(P.VM_CONFIG_NETWORK, "/vms/{name}"))])
+async def remove_nic(name: str, mac: str, svc: Devices, response: Response,
+                     timeout: Timeout = DEFAULT_UNPLUG_TIMEOUT) -> Change:
+    return _answer(await svc.remove_nic(name, mac, timeout), response)

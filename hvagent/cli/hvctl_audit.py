@@ -1,0 +1,61 @@
+"""`hvctl audit [--since WHEN] [--limit N]`: the agent's audit log (needs Sys.Audit)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from hvagent.errors import InvalidRequest
+
+_AGO = re.compile(r"^(\d+)\s*([smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def add_parser(top: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    a = top.add_parser("audit", help="the agent's audit log (mutations and denials)")
+    a.add_argument("--since", metavar="WHEN",
+                   help="only newer entries: 30m, 2h, 1d (ago), an ISO time or unix seconds")
+    a.add_argument("--limit", type=int, default=1000, help="at most N entries (newest)")
+
+
+def parse_since(value: str, now: float | None = None) -> float:
+    v = value.strip()
+    m = _AGO.match(v.lower())
+    if m:
+        return (now or time.time()) - int(m.group(1)) * _SECONDS[m.group(2)]
+    try:
+        return float(v)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(v)
+    except ValueError as e:
+        raise InvalidRequest(f"--since {value}: not a time (examples: 30m, 2h, "
+                             "2026-01-31T12:00, 1767182400)") from e
+    return when.timestamp()
+
+
+def run(args: argparse.Namespace, call: Callable[..., Any]) -> None:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.since:
+        params["since"] = parse_since(args.since)
+    entries = call(args, "GET", "/audit", params=params)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return
+    t = Table(box=None)
+    for col in ("TIME", "PRINCIPAL", "ACTION", "TARGET", "RESULT", "STATUS", "DETAIL"):
+        t.add_column(col)
+    for e in entries:
+        t.add_row(dt.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"),
+                  e["principal"], e["action"], e["target"], e["result"], str(e["status"]),
+                  e["detail"])
+    Console().print(t)

@@ -1,0 +1,98 @@
+"""`hvagent token create|list|revoke`: API tokens, managed on the host (as root) directly
+in the agent's database; the running agent sees a change on its next request."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from hvagent.config import load_config
+from hvagent.policy import AclEntry, load_policy
+from hvagent.store import Store
+from hvagent.tokens import TokenInfo, Tokens, parse_duration
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    t = sub.add_parser("token", help="API tokens (create, list, revoke)")
+    t.add_argument("--config", type=Path, default=None,
+                   help="configuration file (default /etc/hvagent/hvagent.yaml if present)")
+    t.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ts = t.add_subparsers(dest="token_command", required=True)
+    c = ts.add_parser("create", help="create a token (printed once)")
+    c.add_argument("principal", help="who the token acts as, e.g. alice")
+    c.add_argument("--role", help="also grant this role to the principal (ACL entry)")
+    c.add_argument("--path", default="/", help="ACL path of the grant (default /)")
+    c.add_argument("--no-propagate", action="store_true",
+                   help="the grant does not cover paths below --path")
+    c.add_argument("--expires", default=None,
+                   help="lifetime, e.g. 90d, 12h, never (default: token_ttl of the config)")
+    c.add_argument("--comment", default="")
+    ts.add_parser("list", help="list tokens (never their secrets)")
+    r = ts.add_parser("revoke", help="revoke a token; effective on the next request")
+    r.add_argument("id")
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else dt.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+
+
+def _as_dict(t: TokenInfo) -> dict[str, object]:
+    return {"id": t.id, "principal": t.principal, "comment": t.comment,
+            "created_at": t.created_at, "expires_at": t.expires_at,
+            "revoked_at": t.revoked_at, "status": str(t.status())}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Raises HVError on bad input (the caller prints it and exits 2)."""
+    config = load_config(args.config)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.database)
+    try:
+        tokens = Tokens(store)
+        if args.token_command == "create":
+            ttl = parse_duration(args.expires or config.token_ttl)
+            grant = None
+            if args.role:
+                policy = load_policy(config.policy)
+                grant = AclEntry(path=args.path, principal=args.principal, role=args.role,
+                                 propagate=not args.no_propagate)
+                if policy.role(grant.role) is None:
+                    from hvagent.errors import InvalidRequest
+                    raise InvalidRequest(f"--role: unknown role {args.role!r}")
+            info, secret = tokens.create(args.principal, ttl, args.comment)
+            if grant is not None:
+                tokens.grant(grant, policy)
+            if args.json:
+                print(json.dumps({**_as_dict(info), "token": secret}, indent=2))
+            else:
+                print(secret)
+                print(f"token {info.id} for {info.principal}, expires {_when(info.expires_at)}"
+                      + (f"; granted {args.role} on {args.path}" if grant else "")
+                      + " (the token is shown only now)", file=sys.stderr)
+        elif args.token_command == "list":
+            infos = tokens.list()
+            if args.json:
+                print(json.dumps([_as_dict(t) for t in infos], indent=2))
+            else:
+                table = Table(box=None)
+                for col in ("ID", "PRINCIPAL", "STATUS", "CREATED", "EXPIRES", "COMMENT"):
+                    table.add_column(col)
+                for t in infos:
+                    table.add_row(t.id, t.principal, str(t.status()), _when(t.created_at),
+                                  _when(t.expires_at), t.comment)
+                Console().print(table)
+        elif args.token_command == "revoke":
+            info = tokens.revoke(args.id)
+            if args.json:
+                print(json.dumps(_as_dict(info), indent=2))
+            else:
+                print(f"token {info.id} ({info.principal}): revoked")
+    finally:
+        store.close()
+    return 0

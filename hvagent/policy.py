@@ -1,0 +1,342 @@
+"""Who may do what, and what the host allows at all.
+
+Owns the host policy file (/etc/hvagent/policy.yaml, the group-policy analog): roles
+(built-in and custom), ACL entries (path, principal, role, propagate), quotas, allowed disk
+formats, allowed VLANs per role and whether nested virtualization is exposed to guests.
+
+Access decisions follow Proxmox VE: a role is a set of privileges; an ACL entry grants a
+role to a principal on a path (`/`, `/vms`, `/vms/<name>`, `/networks/<name>`); an entry
+with `propagate` also covers the paths below it, and the most specific path that has
+entries for the principal decides (a specific entry replaces what is inherited).
+A role marked `owner_only` (VMCreator) grants its privileges on a single VM only to the
+principal that created that VM.
+
+`Admission` is what the VM service asks before it creates or grows a VM; nothing here
+knows HTTP. The principal of the running request is in the context variable
+`current_principal` (set by hvagent.auth), so the service need not pass it around.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hvagent.errors import HVError, InvalidRequest
+
+ROOT = "root"  # the built-in principal of a uid-0 peer on the unix socket
+
+
+class PolicyDenied(HVError):
+    """A request the host policy refuses; the message names the rule."""
+
+    kind = "forbidden"
+
+
+# Privileges by name; kept as strings here so this module does not depend on the API
+# layer (hvagent.auth.Privilege is the StrEnum of the same names).
+VM_CONFIG = ("VM.Config.CPU", "VM.Config.Memory", "VM.Config.Disk", "VM.Config.Network",
+             "VM.Config.Options")
+ALL_PRIVILEGES = (
+    "VM.Allocate", *VM_CONFIG, "VM.PowerMgmt", "VM.Console", "VM.Snapshot",
+    "VM.Snapshot.Rollback", "VM.Audit", "Disk.Read", "Disk.Write", "Network.Allocate",
+    "Sys.Audit", "Sys.Modify", "Permissions.Modify",
+)
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    privileges: frozenset[str]
+    owner_only: bool = False  # on /vms/<name>: only for the principal that created it
+
+
+BUILTIN_ROLES: dict[str, Role] = {r.name: r for r in (
+    Role("Administrator", frozenset(ALL_PRIVILEGES)),
+    # Creates VMs and manages the ones it created; nothing on other principals' VMs.
+    Role("VMCreator", frozenset({"VM.Allocate", "VM.Audit", *VM_CONFIG, "VM.PowerMgmt",
+                                 "VM.Console", "VM.Snapshot", "VM.Snapshot.Rollback"}),
+         owner_only=True),
+    # Runs and reconfigures existing VMs; may not create or delete any (no VM.Allocate).
+    # Sys.Audit: it polls the jobs of the long operations it starts.
+    Role("VMOperator", frozenset({*VM_CONFIG, "VM.PowerMgmt", "VM.Console", "VM.Snapshot",
+                                  "VM.Snapshot.Rollback", "VM.Audit", "Sys.Audit"})),
+    Role("Auditor", frozenset({"VM.Audit", "Sys.Audit"})),
+)}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sends a request: `root` (uid-0 peer on the unix socket) or a token's owner."""
+
+    name: str
+    token_id: str | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.name == ROOT and self.token_id is None
+
+
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "current_principal", default=None)
+
+
+# the policy file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoleDef(_Strict):
+    privileges: list[str]
+    owner_only: bool = False
+
+    @field_validator("privileges")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p not in ALL_PRIVILEGES:
+                raise ValueError(f"unknown privilege {p!r}")
+        return v
+
+
+class AclEntry(_Strict):
+    path: str = Field(pattern=r"^/([A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*)?$")
+    principal: str = Field(min_length=1)
+    role: str
+    propagate: bool = True
+
+
+class Quotas(_Strict):
+    """Absent = unlimited. Per VM counts the VM's ceiling (max_vcpus, max_memory_mib):
+    a VM can grow to it by hot-add."""
+
+    max_vcpus_per_vm: int | None = Field(default=None, ge=1)
+    max_memory_mib_per_vm: int | None = Field(default=None, ge=1)
+    max_vcpus_per_host: int | None = Field(default=None, ge=1)
+    max_memory_mib_per_host: int | None = Field(default=None, ge=1)
+    max_vcpus_per_principal: int | None = Field(default=None, ge=1)
+    max_memory_mib_per_principal: int | None = Field(default=None, ge=1)
+    max_vms_per_principal: int | None = Field(default=None, ge=0)
+
+
+class HostPolicy(_Strict):
+    quotas: Quotas = Quotas()
+    disk_formats: list[str] = ["qcow2", "raw", "vpc", "vhdx"]
+    # role name -> VLAN ids it may attach NICs to; a role not listed may use none.
+    vlans: dict[str, list[int]] = {}
+    nested_virtualization: bool = True
+    roles: dict[str, RoleDef] = {}
+    acl: list[AclEntry] = []
+
+    @field_validator("disk_formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        out = []
+        for f in v:
+            f = "vpc" if f == "vhd" else f
+            if f not in ("qcow2", "raw", "vpc", "vhdx"):
+                raise ValueError(f"unknown disk format {f!r}")
+            out.append(f)
+        return out
+
+    @field_validator("vlans")
+    @classmethod
+    def _vlan_ids(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for role, ids in v.items():
+            for i in ids:
+                if not 1 <= i <= 4094:
+                    raise ValueError(f"{role}: VLAN id {i} is not in 1..4094")
+        return v
+
+    def model_post_init(self, _: Any) -> None:
+        for name in self.roles:
+            if name in BUILTIN_ROLES:
+                raise ValueError(f"roles.{name}: a built-in role cannot be redefined")
+        for i, e in enumerate(self.acl):
+            if e.role not in BUILTIN_ROLES and e.role not in self.roles:
+                raise ValueError(f"acl[{i}].role: unknown role {e.role!r}")
+
+    def role(self, name: str) -> Role | None:
+        if name in BUILTIN_ROLES:
+            return BUILTIN_ROLES[name]
+        d = self.roles.get(name)
+        return Role(name, frozenset(d.privileges), d.owner_only) if d else None
+
+
+def load_policy(path: Path) -> HostPolicy:
+    """The policy file; a missing file means built-in roles and no limits."""
+    if not path.exists():
+        return HostPolicy()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise InvalidRequest(f"{path}: cannot read: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise InvalidRequest(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{path}: expected a mapping of settings")
+    try:
+        return HostPolicy.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        raise InvalidRequest(f"{path}: {key + ': ' if key else ''}{msg}") from e
+
+
+# access decisions
+
+
+def _ancestors(path: str) -> list[str]:
+    """/vms/a -> ["/vms/a", "/vms", "/"] (most specific first)."""
+    parts = [p for p in path.split("/") if p]
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def vm_of(path: str) -> str | None:
+    parts = [p for p in path.split("/") if p]
+    return parts[1] if len(parts) >= 2 and parts[0] == "vms" else None
+
+
+@dataclass
+class AccessControl:
+    """ACL entries (policy file + entries stored by `hvagent token create --role`)."""
+
+    policy: HostPolicy
+    stored: list[AclEntry] = field(default_factory=list)
+
+    def entries(self) -> Iterable[AclEntry]:
+        yield from self.policy.acl
+        yield from self.stored
+
+    def roles_on(self, principal: str, path: str) -> list[Role]:
+        """The roles `principal` holds on `path`: the most specific level with entries."""
+        mine = [e for e in self.entries() if e.principal == principal]
+        for level in _ancestors(path):
+            found = [e for e in mine if e.path == level and (e.propagate or level == path)]
+            if found:
+                return [r for e in found if (r := self.policy.role(e.role)) is not None]
+        return []
+
+    def allowed(self, principal: Principal, privilege: str, path: str,
+                owner: str | None) -> bool:
+        """`owner` is the creator of the VM `path` names (None: no VM, or unknown)."""
+        if principal.is_root:
+            return True
+        vm = vm_of(path)
+        for role in self.roles_on(principal.name, path):
+            if privilege not in role.privileges:
+                continue
+            if role.owner_only and vm is not None and owner != principal.name:
+                continue
+            return True
+        return False
+
+
+# admission: quotas, formats, VLANs (asked by the VM service)
+
+
+@dataclass(frozen=True)
+class Usage:
+    vcpus: int
+    memory_mib: int
+    vms: int
+
+
+class Admission:
+    """The host policy's checks on a VM spec. `usage(principal)` returns what is in use
+    on the host (principal None) or by one principal, excluding the VM being changed."""
+
+    def __init__(self, policy: HostPolicy | None = None, access: AccessControl | None = None,
+                 usage: Any = None, record_owner: Any = None) -> None:
+        self.policy = policy or HostPolicy()
+        self.access = access or AccessControl(self.policy)
+        self._usage = usage
+        self._record_owner = record_owner
+
+    def admit(self, spec: Any, previous: Any = None) -> None:
+        """Raise PolicyDenied naming the first rule `spec` breaks (`previous`: the VM's
+        spec before a change, None on create)."""
+        q = self.policy.quotas
+        vcpus = max(spec.vcpus, spec.max_vcpus or spec.vcpus)
+        mem = max(spec.memory_mib, spec.max_memory_mib or spec.memory_mib)
+        _limit("quota.max_vcpus_per_vm", q.max_vcpus_per_vm, vcpus)
+        _limit("quota.max_memory_mib_per_vm", q.max_memory_mib_per_vm, mem)
+        for i, d in enumerate(spec.disks):
+            fmt = str(d.format or "qcow2")
+            if fmt not in self.policy.disk_formats:
+                raise PolicyDenied(
+                    f"policy disk_formats={','.join(self.policy.disk_formats)}: "
+                    f"disks[{i}] is {fmt}")
+        self._check_vlans(spec)
+        if self._usage is None:
+            return
+        name = spec.name
+        host = self._usage(None, name)
+        _limit("quota.max_vcpus_per_host", q.max_vcpus_per_host, host.vcpus + vcpus)
+        _limit("quota.max_memory_mib_per_host", q.max_memory_mib_per_host,
+               host.memory_mib + mem)
+        who = current_principal.get()
+        if who is None or who.is_root:
+            return
+        mine = self._usage(who.name, name)
+        _limit("quota.max_vcpus_per_principal", q.max_vcpus_per_principal, mine.vcpus + vcpus)
+        _limit("quota.max_memory_mib_per_principal", q.max_memory_mib_per_principal,
+               mine.memory_mib + mem)
+        if previous is None:
+            _limit("quota.max_vms_per_principal", q.max_vms_per_principal, mine.vms + 1)
+
+    def _check_vlans(self, spec: Any) -> None:
+        # NICs get a `vlan` with the networking feature; until then nothing to check.
+        vlans = [v for n in spec.nics if (v := getattr(n, "vlan", None)) is not None]
+        if not vlans:
+            return
+        self.check_vlans(vlans, f"/vms/{spec.name}")
+
+    def check_vlans(self, vlans: Iterable[int], path: str) -> None:
+        who = current_principal.get()
+        if who is None or who.is_root:
+            return
+        roles = [r.name for r in self.access.roles_on(who.name, path)]
+        allowed = {v for r in roles for v in self.policy.vlans.get(r, [])}
+        for v in vlans:
+            if v not in allowed:
+                rule = ";".join(f"vlans.{r}={_ids(self.policy.vlans.get(r, []))}"
+                                for r in roles) or "vlans"
+                raise PolicyDenied(f"policy {rule}: VLAN {v} is not allowed for "
+                                   f"{who.name} (roles: {', '.join(roles) or 'none'})")
+
+    def created(self, name: str) -> None:
+        """Record the requesting principal as the owner of the new VM `name`."""
+        who = current_principal.get()
+        if self._record_owner is not None and who is not None and not who.is_root:
+            self._record_owner(name, who.name)
+
+    def qemu_args(self, args: list[str]) -> list[str]:
+        """The accelerator's QEMU arguments with nested virtualization hidden from the
+        guest when the policy says so."""
+        if self.policy.nested_virtualization:
+            return list(args)
+        out = list(args)
+        for i, a in enumerate(out[:-1]):
+            if a == "-cpu":
+                feats = [f for f in out[i + 1].split(",") if f not in ("+svm", "+vmx")]
+                out[i + 1] = ",".join([*feats, "-svm", "-vmx"])
+        return out
+
+
+def _ids(ids: list[int]) -> str:
+    return ",".join(str(i) for i in ids) or "none"
+
+
+def _limit(rule: str, limit: int | None, requested: int) -> None:
+    if limit is not None and requested > limit:
+        raise PolicyDenied(f"policy {rule}={limit}: requested {requested}")

@@ -1,0 +1,140 @@
+"""The stored side of access control: API tokens, ACL grants made on the host, and the
+creator (owner) of each VM.
+
+A token is `hvt_<id>_<secret>`: the id names it in lists and revocation, the whole string
+is shown once and stored only as its sha256 (enough for a 256-bit random secret; a slow
+password hash would only add latency to every request). Every request looks its token up
+again, so a revocation or an expiry takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from hvagent.errors import InvalidRequest, NotFound
+from hvagent.policy import AclEntry, HostPolicy
+from hvagent.store import Store
+
+PREFIX = "hvt_"
+PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_DURATION_RE = re.compile(r"^(\d+)\s*([smhdw]?)$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class TokenStatus(StrEnum):
+    VALID = "valid"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    principal: str
+    comment: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+    def status(self, now: float | None = None) -> TokenStatus:
+        if self.revoked_at is not None:
+            return TokenStatus.REVOKED
+        if self.expires_at is not None and self.expires_at <= (now or time.time()):
+            return TokenStatus.EXPIRED
+        return TokenStatus.VALID
+
+
+def parse_duration(value: str) -> float | None:
+    """Seconds from "90d", "12h", "30m", "3600"; "never" -> None."""
+    if value.strip().lower() == "never":
+        return None
+    m = _DURATION_RE.match(value.strip().lower())
+    if not m or int(m.group(1)) == 0:
+        raise InvalidRequest(f"expires: {value!r} is not a duration (examples: 90d, 12h, never)")
+    return float(int(m.group(1)) * _SECONDS[m.group(2)])
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Tokens:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # tokens
+
+    def create(self, principal: str, ttl: float | None, comment: str = "") -> tuple[TokenInfo,
+                                                                                     str]:
+        """A new token for `principal`; returns it with its secret (shown once)."""
+        if not PRINCIPAL_RE.match(principal):
+            raise InvalidRequest(f"principal: {principal!r} is not a valid name "
+                                 "(letters, digits, _ . @ -)")
+        tid = secrets.token_hex(4)
+        token = f"{PREFIX}{tid}_{secrets.token_urlsafe(32)}"
+        now = time.time()
+        expires = now + ttl if ttl is not None else None
+        self.store.execute(
+            "INSERT INTO tokens (id, principal, hash, comment, created_at, expires_at) "
+            "VALUES (?,?,?,?,?,?)", (tid, principal, token_hash(token), comment, now, expires))
+        return TokenInfo(tid, principal, comment, now, expires, None), token
+
+    def list(self) -> list[TokenInfo]:
+        return [self._info(r) for r in self.store.query(
+            "SELECT * FROM tokens ORDER BY created_at")]
+
+    def revoke(self, token_id: str) -> TokenInfo:
+        changed = self.store.execute(
+            "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (time.time(), token_id))
+        rows = self.store.query("SELECT * FROM tokens WHERE id = ?", (token_id,))
+        if not rows:
+            raise NotFound(f"token {token_id}: no such token")
+        if not changed:
+            raise InvalidRequest(f"token {token_id}: already revoked")
+        return self._info(rows[0])
+
+    def lookup(self, token: str) -> TokenInfo | None:
+        """The token a bearer string names (in any status), None when unknown."""
+        if not token.startswith(PREFIX):
+            return None
+        rows = self.store.query("SELECT * FROM tokens WHERE hash = ?", (token_hash(token),))
+        return self._info(rows[0]) if rows else None
+
+    @staticmethod
+    def _info(r: object) -> TokenInfo:
+        return TokenInfo(r["id"], r["principal"], r["comment"] or "",  # type: ignore[index]
+                         r["created_at"], r["expires_at"], r["revoked_at"])  # type: ignore[index]
+
+    # ACL grants made with `hvagent token create --role` (the policy file holds the rest)
+
+    def grant(self, entry: AclEntry, policy: HostPolicy) -> None:
+        if policy.role(entry.role) is None:
+            raise InvalidRequest(f"role: unknown role {entry.role!r}")
+        self.store.execute(
+            "INSERT OR REPLACE INTO acl (path, principal, role, propagate) VALUES (?,?,?,?)",
+            (entry.path, entry.principal, entry.role, int(entry.propagate)))
+
+    def grants(self) -> list[AclEntry]:
+        return [AclEntry(path=r["path"], principal=r["principal"], role=r["role"],
+                         propagate=bool(r["propagate"]))
+                for r in self.store.query("SELECT * FROM acl ORDER BY id")]
+
+    # VM owners (the VMCreator role acts on the VMs its principal created)
+
+    def set_owner(self, vm: str, principal: str) -> None:
+        self.store.execute("INSERT OR REPLACE INTO vm_owners (name, owner) VALUES (?,?)",
+                           (vm, principal))
+
+    def owner(self, vm: str) -> str | None:
+        rows = self.store.query("SELECT owner FROM vm_owners WHERE name = ?", (vm,))
+        return str(rows[0][0]) if rows else None
+
+    def owned_by(self, principal: str) -> list[str]:
+        return [str(r[0]) for r in self.store.query(
+            "SELECT name FROM vm_owners WHERE owner = ? ORDER BY name", (principal,))]

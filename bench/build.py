@@ -78,11 +78,15 @@ def package_list(profile: Profile) -> list[str]:
 
 
 def bare_network_element(root: Path) -> Path:
-    """A one-file element: DHCP on every wired NIC, so the peer's sshd is reachable."""
+    """A one-file element: DHCP on every wired NIC, so the peer's sshd is reachable;
+    plus server-core's fix that keeps DNS working in the build chroot once
+    systemd-resolved (in the package list) is installed."""
     el = root / "bench-bare-network"
     (el / "static/etc/systemd/network").mkdir(parents=True)
     (el / "install.d").mkdir()
     (el / "element-deps").write_text("install-static\n")
+    dns_fix = elements_dir() / "server-core/install.d/02-server-core-build-dns"
+    shutil.copy2(dns_fix, el / "install.d" / dns_fix.name)
     (el / "static/etc/systemd/network/80-dhcp.network").write_text(
         "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
     script = el / "install.d/60-bench-networkd"
@@ -178,7 +182,6 @@ def main() -> int:
         size, bare_size = image.stat().st_size, bare_image.stat().st_size
         ours_ssh, ours_agent = boot(image, agent=True)
         bare_ssh, _ = boot(bare_image, agent=False)
-        shutil.copy2(work / "bare-dib.log", work / "kept.log")  # readable until exit
 
     assert ours_agent is not None
     mib = 1024 * 1024

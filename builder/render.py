@@ -40,6 +40,7 @@ WHEEL_PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(36, 16, -1)]
 ]
 # What goes into the corehost wheel (and so into the image).
 AGENT_SOURCES = ("pyproject.toml", "README.md", "builder", "hvagent")
+WHEEL_CACHE_KEEP = 3
 
 
 class RenderError(Exception):
@@ -195,7 +196,16 @@ def build_wheelhouse(source_hash: str | None = None) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         staged.rename(target)
     log.info("agent wheels: built %s", target)
+    _prune(cache, keep=WHEEL_CACHE_KEEP)
     return target
+
+
+def _prune(cache: Path, keep: int) -> None:
+    """Drop all but the newest `keep` wheelhouses (each agent change makes a new one)."""
+    dirs = sorted((d for d in cache.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in dirs[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _run(cmd: list[str], what: str) -> None:

@@ -82,6 +82,27 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_time ON audit(time);
     """,
+    # 4: checkpoints (hvagent.vm.checkpoints)
+    """
+    CREATE TABLE checkpoints (
+        id          TEXT PRIMARY KEY,
+        vm          TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        name        TEXT NOT NULL,
+        parent      TEXT,
+        description TEXT NOT NULL DEFAULT '',
+        created_at  REAL NOT NULL,
+        with_memory INTEGER NOT NULL,
+        method      TEXT NOT NULL,
+        spec        TEXT NOT NULL,
+        files       TEXT NOT NULL DEFAULT '{}',
+        status      TEXT NOT NULL,
+        UNIQUE (vm, name)
+    );
+    CREATE TABLE checkpoint_heads (
+        vm         TEXT PRIMARY KEY REFERENCES vms(name) ON DELETE CASCADE,
+        checkpoint TEXT NOT NULL
+    );
+    """,
 ]
 
 

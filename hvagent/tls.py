@@ -13,13 +13,15 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from hvagent.errors import InvalidRequest
+
+# cryptography is imported where a certificate is made or read, not at module load: it
+# costs the daemon ~8 MiB of RSS, and an agent without a TLS listener never needs it.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 VALIDITY = dt.timedelta(days=3650)
 
@@ -33,6 +35,9 @@ class ServerCert:
 
 def fingerprint(pem: bytes) -> str:
     """sha256 of the (first) certificate's DER, as AB:CD:..."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
     return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
@@ -57,11 +62,15 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def _names(extra: list[str]) -> list[x509.GeneralName]:
+    from cryptography import x509
+
     out: list[x509.GeneralName] = []
     for n in ["localhost", socket.gethostname(), "127.0.0.1", "::1", *extra]:
         try:
@@ -75,6 +84,11 @@ def _names(extra: list[str]) -> list[x509.GeneralName]:
 
 def ensure_server_cert(directory: Path, hostnames: list[str]) -> ServerCert:
     """The CA and server certificate in `directory`, made on the first call."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     ca_pem, ca_key = directory / "ca.pem", directory / "ca.key"
     cert, key = directory / "server.pem", directory / "server.key"
     if cert.exists() and key.exists() and ca_pem.exists():

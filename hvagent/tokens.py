@@ -84,7 +84,7 @@ class Tokens:
             "VALUES (?,?,?,?,?,?)", (tid, principal, token_hash(token), comment, now, expires))
         return TokenInfo(tid, principal, comment, now, expires, None), token
 
-    def list(self) -> list[TokenInfo]:
+    def list_tokens(self) -> list[TokenInfo]:
         return [self._info(r) for r in self.store.query(
             "SELECT * FROM tokens ORDER BY created_at")]
 

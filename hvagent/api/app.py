@@ -15,6 +15,7 @@ from hvagent.config import AgentConfig, agent_version
 from hvagent.jobs import Jobs
 from hvagent.policy import load_policy
 from hvagent.store import Store
+from hvagent.vm.checkpoints import CheckpointService
 from hvagent.vm.devices import DeviceService
 from hvagent.vm.service import VMService
 
@@ -28,7 +29,9 @@ def create_app(config: AgentConfig) -> FastAPI:
         vms = VMService(config, store, jobs)
         app.state.security = security = auth.Security(store, policy)
         vms.admission = security.admission()
-        app.state.devices = DeviceService(vms)  # before startup: it listens to QMP events
+        # Before startup: they listen to QMP events and recover interrupted work.
+        app.state.devices = DeviceService(vms)
+        app.state.checkpoints = CheckpointService(vms)
         # Probe the accelerator once before serving (cached per host boot).
         await asyncio.to_thread(lambda: vms.accel)
         await vms.startup()

@@ -51,11 +51,17 @@ def run(args: argparse.Namespace, call: Callable[..., Any]) -> None:
     if args.json:
         print(json.dumps(entries, indent=2))
         return
+    console = Console()
+    rows = [(dt.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"),
+             e["principal"], e["result"], str(e["status"]), e["action"], e["target"],
+             e["detail"]) for e in entries]
+    if not console.is_terminal:  # plain lines for pipes and logs: one entry per line
+        for row in rows:
+            print("  ".join(row).rstrip())
+        return
     t = Table(box=None)
-    for col in ("TIME", "PRINCIPAL", "ACTION", "TARGET", "RESULT", "STATUS", "DETAIL"):
-        t.add_column(col)
-    for e in entries:
-        t.add_row(dt.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"),
-                  e["principal"], e["action"], e["target"], e["result"], str(e["status"]),
-                  e["detail"])
-    Console().print(t)
+    for col in ("TIME", "PRINCIPAL", "RESULT", "STATUS", "ACTION", "TARGET", "DETAIL"):
+        t.add_column(col, no_wrap=col != "DETAIL")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)

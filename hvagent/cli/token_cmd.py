@@ -9,9 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from hvagent.config import load_config
 from hvagent.policy import AclEntry, load_policy
 from hvagent.store import Store
@@ -76,10 +73,14 @@ def run(args: argparse.Namespace) -> int:
                       + (f"; granted {args.role} on {args.path}" if grant else "")
                       + " (the token is shown only now)", file=sys.stderr)
         elif args.token_command == "list":
-            infos = tokens.list()
+            infos = tokens.list_tokens()
             if args.json:
                 print(json.dumps([_as_dict(t) for t in infos], indent=2))
             else:
+                # rich only here: `hvagent serve` imports this module and never prints tables
+                from rich.console import Console
+                from rich.table import Table
+
                 table = Table(box=None)
                 for col in ("ID", "PRINCIPAL", "STATUS", "CREATED", "EXPIRES", "COMMENT"):
                     table.add_column(col)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
-from hvagent.errors import Conflict, InvalidRequest, NotFound, OperationFailed
+from hvagent.errors import Conflict, InvalidRequest, NotFound
 from hvagent.vm import machine
 from hvagent.vm.qmp import Monitor
 from hvagent.vm.spec import DimmSpec, DiskFormat, DiskSpec, NicSpec, PendingUnplug, VMSpec

@@ -188,13 +188,14 @@ class VMService:
             self.store.update_vm(name, state=VMState.RUNNING, pid=pid, last_error=None)
         return await self.get(name)
 
-    async def launch_paused(self, name: str, spec: VMSpec) -> int:
+    async def launch_paused(self, name: str, spec: VMSpec, extra: tuple[str, ...] = ()) -> int:
         """Start QEMU for `spec` with the guest not yet running (-S), attach QMP and
         plug the hot-added devices again; returns QEMU's pid. The caller holds the VM's
         lock and records the new state (start: `cont`; checkpoint revert: load first)."""
         files = self.files(name)
         cmd = machine.build_command(spec, files,
-                                    self.admission.qemu_args(self.accel.qemu_args)) + ["-S"]
+                                    self.admission.qemu_args(self.accel.qemu_args))
+        cmd += ["-S", *extra]
         log.info("%s: starting: %s", name, " ".join(cmd))
         pid = await machine.launch(cmd, files)
         try:

@@ -9,6 +9,9 @@ Serial protocol (one line each, stable for tests to parse):
   `TINY-POWEROFF`                      when the ACPI power button was pressed, or after
                                        N state lines with `tiny_poweroff_after=N` on the
                                        kernel command line
+With `tiny_disk_log` on the kernel command line, each state line is also written to the
+first disk (/dev/vda, no file system) as 512-byte block number `counter`, synced: what the
+disk holds shows how far the guest got (a disk revert drops the later blocks).
 Init onlines hot-added CPUs and memory blocks, and powers off on the ACPI power button
 (the `button` + `evdev` modules expose it as an input device; one event read = press).
 
@@ -74,6 +77,8 @@ else
 fi
 echo "TINY-BOOT ok"
 
+disklog=""
+case " $(cat /proc/cmdline) " in *" tiny_disk_log "*) disklog=1 ;; esac
 # tiny_poweroff_after=N on the kernel command line: power off after N state lines.
 poweroff_after=$(sed -n 's/.*tiny_poweroff_after=\([0-9]*\).*/\1/p' /proc/cmdline)
 
@@ -88,6 +93,10 @@ while true; do
   disks=$(ls /sys/block | grep ^vd | join)
   nics=$(ls /sys/class/net | grep -v ^lo$ | join)
   echo "TINY cpus=$cpus memkb=$memkb disks=$disks nics=$nics counter=$counter"
+  if [ -n "$disklog" ] && [ -b /dev/vda ]; then
+    echo "TINY-DISK counter=$counter" \
+      | dd of=/dev/vda bs=512 seek="$counter" conv=sync,notrunc,fsync 2>/dev/null
+  fi
   counter=$((counter + 1))
   if [ -n "$poweroff_after" ] && [ "$counter" -ge "$poweroff_after" ]; then
     echo "TINY-POWEROFF"

@@ -150,8 +150,8 @@ def test_disk_formats_and_vlans() -> None:
         "acl": [{"path": "/", "principal": "op", "role": "VMOperator"}]})
     adm = Admission(policy)
     with pytest.raises(PolicyDenied, match=r"policy disk_formats=qcow2: disks\[0\] is vhdx"):
-        adm.admit(VMSpec(name="a", disks=[{"size": "1G", "format": "vhdx"}]))
-    adm.admit(VMSpec(name="a", disks=[{"size": "1G"}]))  # qcow2 by default
+        adm.admit(VMSpec.model_validate({"name": "a", "disks": [{"size": "1G", "format": "vhdx"}]}))
+    adm.admit(VMSpec.model_validate({"name": "a", "disks": [{"size": "1G"}]}))  # qcow2
     # NICs carry no VLAN yet (networking feature): a spec-like object stands in for one
     spec = SimpleNamespace(name="a", vcpus=1, max_vcpus=1, memory_mib=512,
                            max_memory_mib=512, disks=[], nics=[SimpleNamespace(vlan=30)])

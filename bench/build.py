@@ -80,13 +80,14 @@ def package_list(profile: Profile) -> list[str]:
 def bare_network_element(root: Path) -> Path:
     """A one-file element: DHCP on every wired NIC, so the peer's sshd is reachable;
     plus server-core's fix that keeps DNS working in the build chroot once
-    systemd-resolved (in the package list) is installed."""
+    systemd-resolved (in the package list, which `-p` installs after install.d) is in."""
     el = root / "bench-bare-network"
     (el / "static/etc/systemd/network").mkdir(parents=True)
     (el / "install.d").mkdir()
+    (el / "post-install.d").mkdir()
     (el / "element-deps").write_text("install-static\n")
     dns_fix = elements_dir() / "server-core/install.d/02-server-core-build-dns"
-    shutil.copy2(dns_fix, el / "install.d" / dns_fix.name)
+    shutil.copy2(dns_fix, el / "post-install.d" / dns_fix.name)
     (el / "static/etc/systemd/network/80-dhcp.network").write_text(
         "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
     script = el / "install.d/60-bench-networkd"

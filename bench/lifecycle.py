@@ -13,9 +13,9 @@ How libvirt is set up, and why (so that it is measured as a libvirt user would r
 - /dev/kvm group. libvirt caches QEMU's capabilities per binary and, before every use,
   checks the cache is still valid. One check: "KVM was enabled when probing, is it still
   usable?", where usable means /dev/kvm is read-writable by libvirt's QEMU user
-  (libvirt-qemu, group kvm). The probe runs QEMU as root before it drops privileges, so
-  it sees KVM; where /dev/kvm is not in group kvm, the check then fails on every lookup
-  and libvirt re-probes QEMU (~4 s, more on a busy host) several times per call:
+  (libvirt-qemu, group kvm). The probe's QEMU reports KVM enabled (query-kvm) even
+  where /dev/kvm is not in group kvm; there the check fails on every lookup and
+  libvirt re-probes QEMU (~4 s, more on a busy host) several times per call:
   defineXML took 46-80 s (libvirtd's debug log: "KVM was enabled when probing
   '/usr/bin/qemu-system-x86_64', but it is not available now", and the cache file
   rewritten 11 times in one define). On a stock Debian host udev makes /dev/kvm
@@ -26,7 +26,17 @@ How libvirt is set up, and why (so that it is measured as a libvirt user would r
   domain is defined and undefined (not counted), as on a host where libvirtd has
   already run once. The cache files are watched during the timed rounds; a re-probe
   there is reported, since it would make libvirt's create look slow for a reason that
-  is not libvirt's normal cost.
+  is not libvirt's normal cost. (The re-probing also inflated libvirtd's idle RSS:
+  ~60 MiB after it, ~33 MiB with a valid cache.)
+
+Where hvagent's idle RSS goes (CPython 3.11, measured by importing in the daemon's
+order): interpreter 10.6 MiB, asyncio + ssl (libssl/libcrypto) 9.4, uvicorn (with
+click, email, multiprocessing, which its package imports) 5.2, pydantic 4.3, FastAPI
+(starlette, anyio, opentelemetry-api, OpenAPI models) 14.3, pydantic.v1 (imported by
+FastAPI while it builds routes) 1.4, yaml + sqlite3 + qemu.qmp 2.0, hvagent's own
+modules (models, routes) 5.1, runtime ~3. cryptography (~8 MiB) and rich (~1.5 MiB) are
+imported only when TLS certificates or tables are made. MALLOC_ARENA_MAX=2 is a
+legitimate deployment setting but changed nothing measurable here (one worker thread).
 
 libvirt is only the peer of this benchmark, never a dependency of the product or CI:
 when missing, Debian's libvirt-daemon-system and python3-libvirt are installed here and

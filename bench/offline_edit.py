@@ -96,7 +96,7 @@ def guestfish_env() -> dict[str, str] | None:
         print("installing libguestfs-tools (benchmark peer only) ...", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                               "libguestfs-tools", "linux-image-amd64"],
+                               "libguestfs-tools"],
                               capture_output=True, env=env, check=False)
         if proc.returncode != 0 or shutil.which("guestfish") is None:
             print("guestfish unavailable: " + proc.stderr.decode(errors="replace")[-300:])
@@ -108,8 +108,18 @@ def guestfish_env() -> dict[str, str] | None:
         kernels = sorted(glob.glob(str(KERNEL_CACHE / "boot/vmlinuz-*")))
         if kernels:
             version = Path(kernels[-1]).name.removeprefix("vmlinuz-")
+            # supermin copies modules by their host path and follows no symlink: they
+            # must really be under /lib/modules (as an installed kernel's would be).
+            target = Path("/lib/modules") / version
+            if not target.exists():
+                print(f"copying kernel modules to {target} for supermin (peer only) ...",
+                      flush=True)
+                shutil.copytree(KERNEL_CACHE / "lib/modules" / version, target,
+                                symlinks=True)
+            if not (target / "modules.dep").exists():
+                sh("depmod", version)
             env["SUPERMIN_KERNEL"] = kernels[-1]
-            env["SUPERMIN_MODULES"] = str(KERNEL_CACHE / "lib/modules" / version)
+            env["SUPERMIN_MODULES"] = str(target)
     return env
 
 

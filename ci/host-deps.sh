@@ -10,7 +10,7 @@ PKGS=(
   # booting images and child VMs
   qemu-system-x86 ovmf openssh-client
   # offline disk tooling
-  mtools e2tools fuse3 qemu-block-extra
+  mtools e2tools fuse3 qemu-block-extra zstd
   # tiny test guests and network tests
   busybox-static cpio iproute2 socat
 )

@@ -3,7 +3,11 @@ they need.
 
 Every route declares the one privilege it needs, on an ACL path, with
 `Depends(require(Privilege.X, "/vms/{name}"))`; `route_privileges(app)` lists them and
-`check_routes(app)` refuses to build an app with a route that declares none.
+`check_routes(app)` refuses to build an app with a route that declares none. Where the
+ACL path depends on a stored object (a job acts on the VM it targets), a `resolve`
+function computes it from the request; `or_else` names a second requirement that also
+suffices (Proxmox's `['or', ...]` checks). Routes that return lists filter them with
+`permitted(request, privilege, path)`, the same decision per item.
 
 One request: `SecurityMiddleware` finds the principal (a bearer token, else a uid-0 peer on
 the unix socket is `root`) and answers 401 when there is none; the route's `Requirement`
@@ -144,20 +148,39 @@ class Security:
 # route declarations
 
 
-class Requirement:
-    """A route's privilege on an ACL path; path placeholders are filled from the URL."""
+PathResolver = Callable[[Request], str | None]
 
-    def __init__(self, privilege: Privilege, path: str) -> None:
+
+class Requirement:
+    """A route's privilege on an ACL path. The path's placeholders are filled from the
+    URL, or `resolve(request)` computes the path (None: the object it would be computed
+    from does not exist). `or_else`, when set, is a requirement that suffices instead."""
+
+    def __init__(self, privilege: Privilege, path: str, resolve: PathResolver | None = None,
+                 or_else: Requirement | None = None) -> None:
         self.privilege = privilege
         self.path = path
+        self.resolve = resolve
+        self.or_else = or_else
 
-    def acl_path(self, request: Request) -> str:
+    def shown_path(self, request: Request) -> str:
+        """The declared path with the URL's values: what a denial may tell the client
+        (a resolved path could name a VM the principal may not know about)."""
         return self.path.format_map(_Default(request.path_params))
 
+    def acl_path(self, request: Request) -> str | None:
+        return self.shown_path(request) if self.resolve is None else self.resolve(request)
+
+    def permits(self, request: Request, path: str | None) -> bool:
+        """Whether the request's principal meets this requirement on `path` (None: on
+        nothing) or meets `or_else`. Routes that list items ask it once per item."""
+        if path is not None and permitted(request, self.privilege, path):
+            return True
+        alt = self.or_else
+        return alt is not None and alt.permits(request, alt.acl_path(request))
+
     async def __call__(self, request: Request) -> None:
-        path = self.acl_path(request)
         request.state.privilege = str(self.privilege)
-        request.state.acl_path = path
         security: Security | None = getattr(request.app.state, "security", None)
         if security is None:
             raise HTTPException(503, "the agent is starting")
@@ -166,13 +189,21 @@ class Requirement:
         principal: Principal | None = getattr(request.state, "principal", None)
         if principal is None:  # the middleware answers 401 first; never reached
             raise HTTPException(401, "authentication required")
-        if not security.allowed(principal, self.privilege, path):
-            msg = f"{principal.name} lacks {self.privilege} on {path}"
+        path = self.acl_path(request)
+        shown = self.shown_path(request)
+        # A missing object: the audit log gets the declared path. Who may not pass
+        # `or_else` gets the same 403 as for an object it may not read, so it cannot
+        # tell the two apart; the route answers 404 to the others.
+        request.state.acl_path = path if path is not None else shown
+        if not self.permits(request, path):
+            msg = f"{principal.name} lacks {self.privilege} on {shown}"
             request.state.denial = msg
             raise HTTPException(403, msg)
 
     def __repr__(self) -> str:
-        return f"require({self.privilege}, {self.path!r})"
+        alt = f" or {self.or_else!r}" if self.or_else is not None else ""
+        how = ", resolved" if self.resolve is not None else ""
+        return f"require({self.privilege}, {self.path!r}{how}){alt}"
 
 
 class _Default(dict[str, Any]):
@@ -180,8 +211,20 @@ class _Default(dict[str, Any]):
         return "{" + key + "}"
 
 
-def require(privilege: Privilege, path: str = "/vms/{name}") -> Requirement:
-    return Requirement(privilege, path)
+def require(privilege: Privilege, path: str = "/vms/{name}", *,
+            resolve: PathResolver | None = None,
+            or_else: Requirement | None = None) -> Requirement:
+    return Requirement(privilege, path, resolve, or_else)
+
+
+def permitted(request: Request, privilege: Privilege, path: str) -> bool:
+    """Whether the request's principal holds `privilege` on `path`: for routes that
+    return only the items of a list the principal may see."""
+    security: Security | None = getattr(request.app.state, "security", None)
+    if security is None or not security.enforce:
+        return security is not None
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal is not None and security.allowed(principal, privilege, path)
 
 
 def _routes(app: Any) -> Iterator[tuple[str, Any, Requirement | None]]:
@@ -341,6 +384,9 @@ def _document(app: FastAPI) -> None:
                 continue
             op["x-privilege"] = str(req.privilege)
             op["x-acl-path"] = req.path
+            if req.or_else is not None:  # also enough on its own
+                op["x-or-privilege"] = str(req.or_else.privilege)
+                op["x-or-acl-path"] = req.or_else.path
             op["security"] = [{"bearer": []}]
             responses = op.setdefault("responses", {})
             for code, text in (("401", "no valid token"), ("403", "not allowed"),

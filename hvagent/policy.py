@@ -63,7 +63,8 @@ BUILTIN_ROLES: dict[str, Role] = {r.name: r for r in (
                                  "VM.Console", "VM.Snapshot", "VM.Snapshot.Rollback"}),
          owner_only=True),
     # Runs and reconfigures existing VMs; may not create or delete any (no VM.Allocate).
-    # Sys.Audit: it polls the jobs of the long operations it starts.
+    # Sys.Audit: the agent's status, the audit log and every job where it holds the role
+    # on / (the jobs of the VMs it may see need only VM.Audit).
     Role("VMOperator", frozenset({*VM_CONFIG, "VM.PowerMgmt", "VM.Console", "VM.Snapshot",
                                   "VM.Snapshot.Rollback", "VM.Audit", "Sys.Audit"})),
     Role("Auditor", frozenset({"VM.Audit", "Sys.Audit"})),

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Request, status
 
 from hvagent.api import deps
 from hvagent.api.schemas import Console, Deleted, StopRequest
 from hvagent.auth import Privilege as P
-from hvagent.auth import require
+from hvagent.auth import permitted, require
 from hvagent.vm.service import VMInfo, VMService
 from hvagent.vm.spec import VMSpec
 
@@ -19,8 +19,9 @@ Service = Annotated[VMService, Depends(deps.vms)]
 
 
 @router.get("", dependencies=[Depends(require(P.VM_AUDIT, "/vms"))])
-async def list_vms(svc: Service) -> list[VMInfo]:
-    return await svc.list()
+async def list_vms(request: Request, svc: Service) -> list[VMInfo]:
+    # Only the VMs the principal may see (a VMCreator: the ones it created).
+    return [vm for vm in await svc.list() if permitted(request, P.VM_AUDIT, f"/vms/{vm.name}")]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED,

@@ -15,7 +15,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from hvagent.cli import hvctl_audit, pinning
+from hvagent.cli import hvctl_audit, hvctl_devices, pinning
 from hvagent.config import load_config
 from hvagent.errors import HVError
 
@@ -144,6 +144,9 @@ def _vm_show(vm: dict[str, Any]) -> None:
         rows.append(("operation", vm["operation"]))
     if vm["last_error"]:
         rows.append(("last error", vm["last_error"]))
+    if s.get("pending_unplugs"):
+        rows.append(("pending unplug", ", ".join(f"{p['kind']} {p['device']}"
+                                                 for p in s["pending_unplugs"])))
     for k, v in rows:
         t.add_row(k, v)
     Console().print(t)
@@ -160,6 +163,16 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "audit":
         try:
             hvctl_audit.run(args, call)
+        except HVError as e:
+            raise CLIError(e.message) from e
+        return
+    if args.command == "checkpoint" or getattr(args, "vm_command", None) in \
+            hvctl_devices.VM_COMMANDS:
+        try:
+            if args.command == "checkpoint":
+                hvctl_devices.run_checkpoint(args, call, _out)
+            else:
+                hvctl_devices.run_vm(args, call, _out)
         except HVError as e:
             raise CLIError(e.message) from e
         return
@@ -204,6 +217,7 @@ def parser() -> argparse.ArgumentParser:
     top = p.add_subparsers(dest="command", required=True)
     vm = top.add_parser("vm", help="child VMs").add_subparsers(dest="vm_command", required=True)
     hvctl_audit.add_parser(top)
+    hvctl_devices.add_checkpoint_parser(top)
 
     c = vm.add_parser("create", help="define a VM")
     c.add_argument("name")
@@ -235,6 +249,7 @@ def parser() -> argparse.ArgumentParser:
     co = vm.add_parser("console", help="tail of the serial console log")
     co.add_argument("name")
     co.add_argument("--lines", type=int, default=50)
+    hvctl_devices.add_vm_parsers(vm)
     return p
 
 

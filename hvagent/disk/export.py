@@ -88,16 +88,21 @@ def fuse_export(image: Path, fmt: ImageFormat, *, writable: bool,
             time.sleep(0.005)
         yield mp
     finally:
+        closing_err: bytes = b""
         if proc.poll() is None:
-            proc.terminate()
+            proc.terminate()  # it flushes and unmounts, then exits 0
             try:
-                proc.wait(30)
+                _out, closing_err = proc.communicate(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr:
+        if proc.stderr and not proc.stderr.closed:
             proc.stderr.close()
         if _mounted(mp, os.stat(work).st_dev):
             # The daemon died without unmounting: drop the dead mount lazily.
             subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
+    # Reached only when the block succeeded: a failed final flush must not pass silently.
+    if writable and proc.returncode != 0:
+        raise DiskError(f"{image}: {QSD} failed while closing the image: "
+                        f"{last_line(closing_err.decode(errors='replace')) or proc.returncode}")

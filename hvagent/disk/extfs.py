@@ -211,15 +211,16 @@ class ExtFS:
         new_mode = mode if mode is not None else (old.mode & 0o7777 if old else 0o644)
         new_uid = uid if uid is not None else (old.uid if old else 0)
         new_gid = gid if gid is not None else (old.gid if old else 0)
-        # Written under a temporary name, then swapped in: a kill mid-way leaves either
-        # the old file or the new one under the real name.
-        tmp = f".hvdisk-{uuid.uuid4().hex[:12]}"
-        steps = [*self._cd(r.parent.handle), f"write {q(str(src))} {tmp}",
-                 f"sif {tmp} mode 0{st.S_IFREG | new_mode:o}",
-                 f"sif {tmp} uid {new_uid}", f"sif {tmp} gid {new_gid}"]
+        # A replacement is written under a temporary name, then swapped in: a kill
+        # mid-way leaves either the old file or the new one under the real name. (`ln`
+        # cannot grow a full directory, but it reuses the slot `rm` just freed; `write`
+        # grows the directory itself.)
+        name = f".hvdisk-{uuid.uuid4().hex[:12]}" if old is not None else q(r.name)
+        steps = [*self._cd(r.parent.handle), f"write {q(str(src))} {name}",
+                 f"sif {name} mode 0{st.S_IFREG | new_mode:o}",
+                 f"sif {name} uid {new_uid}", f"sif {name} gid {new_gid}"]
         if old is not None:
-            steps.append(f"rm {q(r.name)}")
-        steps += [f"ln {tmp} {q(r.name)}", f"unlink {tmp}"]
+            steps += [f"rm {q(r.name)}", f"ln {name} {q(r.name)}", f"unlink {name}"]
         plan.steps += steps
         self.listing(r.parent)[r.name] = Entry(f"new:{r.path}", "file", st.S_IFREG | new_mode,
                                                new_uid, new_gid, src.stat().st_size)

@@ -240,7 +240,8 @@ def _run_with_progress(cmd: list[str], what: str, progress: Progress, path: Path
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     buf = b""
-    while chunk := proc.stdout.read1(4096):
+    # read1 (not read): return what is there, so progress shows as it comes.
+    while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]
         buf += chunk
         *parts, buf = re.split(rb"[\r\n]", buf)
         for part in parts:

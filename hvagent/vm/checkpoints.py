@@ -322,6 +322,14 @@ class CheckpointService:
     async def _revert(self, vm: str, cp: Checkpoint,
                       progress: Callable[[float], None]) -> str:
         row = self.store.get_vm(vm)
+        if (row is not None and row.state in _ACTIVE and cp.method == "internal"
+                and cp.with_memory and self._vm_spec(vm) == cp.spec):
+            # Same device layout as at the checkpoint: load into the running QEMU.
+            try:
+                return await self._load_in_place(vm, cp, progress)
+            except HVError as e:
+                log.info("%s: loading %s in place failed (%s); restarting QEMU", vm,
+                         cp.name, e.message)
         if row is not None and row.state in _ACTIVE:
             await self.vms.end_qemu(vm)
             self.store.update_vm(vm, state=VMState.STOPPED, pid=None,
@@ -375,6 +383,19 @@ class CheckpointService:
             raise
         self.store.update_vm(vm, state=VMState.RUNNING, pid=pid, last_error=None)
         await self._collect(vm)
+        return VMState.RUNNING
+
+    async def _load_in_place(self, vm: str, cp: Checkpoint,
+                             progress: Callable[[float], None]) -> str:
+        mon = await self._monitor(vm)
+        roots = await _root_nodes(mon)
+        nodes = [roots[disk_node(cp.spec, i)]["node-name"] for i in range(len(cp.spec.disks))]
+        await _qemu_job(mon, "snapshot-load", f"load-{cp.id}",
+                        {"tag": cp.id, "vmstate": nodes[0], "devices": nodes}, progress)
+        if await mon.status() != "running":
+            await mon.execute("cont")
+        self._set_head(vm, cp.id)
+        self.store.update_vm(vm, state=VMState.RUNNING, last_error=None)
         return VMState.RUNNING
 
     async def _monitor(self, vm: str) -> Monitor:

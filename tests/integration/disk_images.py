@@ -27,6 +27,8 @@ FILES = {
     "usr/lib/os-release": b"ID=test\n",
     "usr/share/blob.bin": bytes(range(256)) * 1024 + b"tail",
     "home/user/notes with space.txt": b"spaces ok\n",
+    # Enough entries to fill the directory's blocks: a new name needs the dir to grow.
+    **{f"var/full/entry-with-a-long-name-{i:03d}.conf": b"%d\n" % i for i in range(150)},
 }
 # Symlinks: absolute, relative, one that climbs above the root, a loop, a dangling one.
 SYMLINKS = {

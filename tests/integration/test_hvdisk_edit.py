@@ -78,6 +78,14 @@ def test_writes_round_trip_every_format(disk: di.TestDisk, tmp_path: Path) -> No
     hvdisk("put", disk.path, src, "/etc/payload.bin")
     assert hvdisk("cat", disk.path, "/etc/payload.bin").stdout == b"second version\n"
     assert b'"mode": "0600"' in hvdisk("stat", disk.path, "/etc/payload.bin", "--json").stdout
+    # New names and replacements in a directory whose blocks are full.
+    for i in range(3):
+        hvdisk("put", disk.path, src, f"/var/full/new-file-with-a-long-name-{i}")
+    hvdisk("put", disk.path, src, "/var/full/entry-with-a-long-name-007.conf")
+    assert hvdisk("cat", disk.path, "/var/full/new-file-with-a-long-name-2").stdout == \
+        b"second version\n"
+    assert hvdisk("cat", disk.path, "/var/full/entry-with-a-long-name-007.conf").stdout == \
+        b"second version\n"
     hvdisk("mkdir", "-p", disk.path, "/opt/app/conf")
     hvdisk("chmod", disk.path, "0750", "/opt/app")
     hvdisk("chown", disk.path, "1000:1001", "/opt/app/conf")

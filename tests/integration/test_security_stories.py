@@ -26,6 +26,8 @@ POLICY = {
     "quotas": {"max_vcpus_per_vm": 2, "max_vms_per_principal": 2},
     "disk_formats": ["qcow2", "raw"],
     "nested_virtualization": False,
+    # Reads every job, nothing else: Sys.Audit on /jobs.
+    "roles": {"JobWatcher": {"privileges": ["Sys.Audit"]}},
 }
 
 
@@ -49,6 +51,7 @@ def tokens(agent: SecureAgent) -> dict[str, str]:
         "creator2": agent.token("dave", "VMCreator")["token"],
         "operator": agent.token("oscar", "VMOperator", path="/vms")["token"],
         "auditor": agent.token("audrey", "Auditor")["token"],
+        "watcher": agent.token("walt", "JobWatcher", path="/jobs")["token"],
     }
 
 
@@ -111,6 +114,71 @@ def test_auditor_reads_only(agent: SecureAgent, tokens: dict[str, str]) -> None:
         for method, path in (("POST", "/vms/st-aud/start"), ("DELETE", "/vms/st-aud"),
                              ("GET", "/vms/st-aud/console"), ("POST", "/vms")):
             assert audrey.request(method, path, json=_vm("x")).status_code == 403
+
+
+def _finished_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    """Poll a job as a client does until it leaves `running`."""
+    deadline = time.monotonic() + 120
+    while True:
+        r = client.get(f"/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        if r.json()["status"] != "running" or time.monotonic() > deadline:
+            return r.json()  # type: ignore[no-any-return]
+        time.sleep(0.2)
+
+
+def test_jobs_and_vm_lists_follow_the_vm_they_concern(agent: SecureAgent,
+                                                      tokens: dict[str, str]) -> None:
+    disk = [{"size": "64M"}]  # a stopped VM's checkpoint is a job on its qcow2 disk
+    r = agent.root_client.post("/vms", json=_vm("st-jobs-root", disks=disk))
+    assert r.status_code == 201, r.text
+    r = agent.root_client.post("/vms/st-jobs-root/checkpoints", json={})
+    assert r.status_code == 202, r.text
+    root_job = _finished_job(agent.root_client, r.json()["id"])
+    with agent.client(tokens["creator"]) as carol:
+        assert carol.post("/vms", json=_vm("st-jobs", disks=disk)).status_code == 201
+        r = carol.post("/vms/st-jobs/checkpoints", json={"name": "before"})
+        assert r.status_code == 202, r.text
+        job = _finished_job(carol, r.json()["id"])  # carol polls the job of her own VM
+        assert job["target"] == "st-jobs" and job["kind"] == "checkpoint-create"
+        assert job["status"] == "succeeded", job
+        listed = {j["id"]: j["target"] for j in carol.get("/jobs").json()}
+        assert job["id"] in listed and root_job["id"] not in listed
+        carols = {vm["name"] for vm in carol.get("/vms").json()}
+        assert set(listed.values()) <= carols
+        assert "st-jobs" in carols and not carols & {"st-jobs-root", "st-root", "st-d1"}
+        r = carol.get(f"/jobs/{root_job['id']}")
+        assert r.status_code == 403 and "carol lacks VM.Audit" in r.json()["detail"]
+    with agent.client(tokens["creator2"]) as dave:  # another creator
+        r = dave.get(f"/jobs/{job['id']}")
+        assert r.status_code == 403, r.text
+        # The denial does not name the VM the job concerns, and an unknown job id
+        # gets the same answer: dave learns nothing about carol's work.
+        assert r.json()["detail"] == (f"dave lacks VM.Audit on /vms/<target of job "
+                                      f"{job['id']}>")
+        assert dave.get("/jobs/0123456789abcdef").status_code == 403
+        assert job["id"] not in {j["id"] for j in dave.get("/jobs").json()}
+        assert "st-jobs" not in {vm["name"] for vm in dave.get("/vms").json()}
+        assert dave.get("/jobs", params={"target": "st-jobs"}).json() == []
+    everything = {vm["name"] for vm in agent.root_client.get("/vms").json()}
+    all_jobs = {j["id"] for j in agent.root_client.get("/jobs").json()}
+    assert {job["id"], root_job["id"]} <= all_jobs
+    with agent.client(tokens["auditor"]) as audrey:  # VM.Audit and Sys.Audit on /
+        assert {vm["name"] for vm in audrey.get("/vms").json()} == everything
+        assert {j["id"] for j in audrey.get("/jobs").json()} == all_jobs
+        assert audrey.get(f"/jobs/{job['id']}").json()["target"] == "st-jobs"
+    with agent.client(tokens["operator"]) as oscar:  # VM.Audit on /vms: every VM's jobs
+        assert oscar.get(f"/jobs/{job['id']}").status_code == 200
+        assert {j["id"] for j in oscar.get("/jobs").json()} == all_jobs
+    with agent.client(tokens["watcher"]) as walt:  # Sys.Audit on /jobs, no VM.Audit
+        assert {j["id"] for j in walt.get("/jobs").json()} == all_jobs
+        assert walt.get(f"/jobs/{job['id']}").status_code == 200
+        assert walt.get("/jobs/0123456789abcdef").status_code == 404
+        assert walt.get("/vms").status_code == 403
+    # a denied read is audited with the job's real target
+    denial = [e for e in agent.audit() if e["principal"] == "dave"
+              and e["action"] == f"GET /api/v1/jobs/{job['id']}"]
+    assert [(e["target"], e["status"]) for e in denial] == [("/vms/st-jobs", 403)]
 
 
 def test_quota_and_format_refusals_name_the_rule_and_create_nothing(

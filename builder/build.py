@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +25,8 @@ from typing import Any
 from builder import dib, hostcompat, outputs, render
 from builder.paths import display
 from builder.profile import Profile
+
+log = logging.getLogger(__name__)
 
 
 class BuildError(Exception):
@@ -49,8 +53,7 @@ def plan(profile: Profile) -> tuple[list[Path], bool, outputs.Inputs]:
 
 
 def dry_run_command(profile: Profile, out_root: Path) -> dib.DibCommand:
-    build_dir = out_root.resolve() / f".{profile.name}.build-XXXXXXXX"
-    return dib.dib_command(profile, build_dir / "elements", build_dir / "dib" / profile.name)
+    return dib.dib_command(profile, out_root.resolve() / f".{profile.name}.build-XXXXXXXX")
 
 
 @contextlib.contextmanager
@@ -86,12 +89,16 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                 progress.note(f"agent wheels: {len(list(wheels.glob('*.whl')))} from {wheels}")
             elements_root = render.render_overlay(profile, tmp, wheels)
             result = tmp / "result"
-            result.mkdir()
-            (tmp / "dib").mkdir()
+            for d in (result, tmp / "dib", tmp / "dibtmp"):
+                d.mkdir()
+            cmd = dib.dib_command(profile, tmp)
             dib_base = tmp / "dib" / profile.name
-            cmd = dib.dib_command(profile, elements_root, dib_base)
+            assert elements_root == tmp / "elements"
             log_path = result / "dib.log"
-            kpartx = hostcompat.ensure_kpartx()
+            try:
+                kpartx = hostcompat.ensure_kpartx()
+            except (OSError, RuntimeError) as e:
+                raise BuildError(f"this host has no device-mapper and {e}") from None
             progress.note(f"disk-image-create: {' '.join(profile.elements)} (kpartx: {kpartx})")
             try:
                 with progress:
@@ -126,7 +133,7 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
             (out_root / f"{profile.name}.failed.log").unlink(missing_ok=True)
             return BuildResult(final, False, manifest)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_build_dir(tmp)
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -138,3 +145,13 @@ def _replace_dir(new: Path, final: Path) -> None:
     new.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_build_dir(tmp: Path) -> None:
+    """Remove a build's temp dir, never descending into something still mounted there
+    (DIB bind-mounts /dev, /proc and caches into its chroot)."""
+    dib.release_tmpdirs({str(p) for p in (tmp / "dibtmp").glob("dib_*")})
+    if dib.mounts_under(str(tmp)):
+        log.warning("%s: still has mounts; left in place", tmp)
+        return
+    subprocess.run(["rm", "-rf", "--one-file-system", str(tmp)], check=False)

@@ -7,6 +7,7 @@ a build or boot that fails for another reason exits 1 and names the failing step
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -21,7 +22,7 @@ import yaml
 from builder import build as build_mod
 from builder import dib, qemu, render
 from builder.paths import display, image_tests_dir, profiles_dir, repo_root
-from builder.profile import Profile, ProfileError, list_profiles, load
+from builder.profile import FIELDS, Profile, ProfileError, list_profiles, load
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -48,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("profiles", help="list the profiles")
     s.add_argument("--dir", type=Path, default=None, help="profile directory (default profiles/)")
+    s.add_argument("--fields", action="store_true",
+                   help="print the profile settings as a Markdown table (for the docs)")
 
     s = sub.add_parser("build", help="build a profile into OUT/<profile>/")
     s.add_argument("profile", help="profile name or path to its YAML file")
@@ -110,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
+    if args.fields:
+        print("| setting | inherited as | default | meaning |\n|---|---|---|---|")
+        for f in FIELDS:
+            default = "" if f.default is None else json.dumps(f.default, default=str)
+            print(f"| `{f.key}` | {f.merge} | {default} | {f.doc} |")
+        return 0
     directory = args.dir or profiles_dir()
     if not directory.is_dir():
         raise UsageError(f"{display(directory)}: no such profile directory")

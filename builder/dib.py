@@ -138,9 +138,12 @@ def dib_executable() -> str:
     return str(beside) if beside.exists() else "disk-image-create"
 
 
-def dib_command(profile: Profile, overlay_elements: Path, output_base: Path,
-                apt_dir: Path = Path("/etc/apt")) -> DibCommand:
+def dib_command(profile: Profile, build_dir: Path, apt_dir: Path = Path("/etc/apt")) -> DibCommand:
+    """The DIB invocation for a build working in build_dir (overlay in build_dir/elements,
+    DIB's own work dirs in build_dir/dibtmp, its output at build_dir/dib/<profile>)."""
     mirror, security = host_mirrors(profile.release, apt_dir)
+    overlay_elements = build_dir / "elements"
+    output_base = build_dir / "dib" / profile.name
     env = {
         "ELEMENTS_PATH": f"{elements_dir()}:{overlay_elements}",
         "DIB_RELEASE": profile.release,
@@ -149,6 +152,10 @@ def dib_command(profile: Profile, overlay_elements: Path, output_base: Path,
         # debian-minimal's ifupdown file is never read; the image brings its own network.
         "DIB_APT_MINIMAL_CREATE_INTERFACES": "0",
         "DIB_IMAGE_CACHE": str(image_cache_dir()),
+        # DIB's dib_build.*/dib_image.* go here (not /tmp), so an interrupted build's
+        # leftovers are known to be ours. TMPDIR stays as it is: package scripts in the
+        # chroot would not find a host-only TMPDIR.
+        "TMP_DIR": str(build_dir / "dibtmp"),
     }
     if profile.kernel_cmdline:
         env["DIB_BOOTLOADER_DEFAULT_CMDLINE"] = f"{DIB_DEFAULT_CMDLINE} {profile.kernel_cmdline}"
@@ -261,6 +268,7 @@ def run_dib(cmd: DibCommand, log_path: Path, report: Reporter | None = None,
             rc = proc.wait()
         except BaseException:
             _stop(proc)
+            release_work_dir(cmd)
             raise
     if rc != 0:
         raise DibFailed(state.step, rc, state.error_lines(), log_path)
@@ -268,17 +276,52 @@ def run_dib(cmd: DibCommand, log_path: Path, report: Reporter | None = None,
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
-    """Interrupt DIB like Ctrl-C would (its traps unmount and clean up), then insist."""
-    for sig, wait in ((signal.SIGINT, 60.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
+    """Interrupt DIB like Ctrl-C would, then end whatever of its group is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60.0)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (chrooted apt, sudo) of DIB's group
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def release_work_dir(cmd: DibCommand) -> None:
+    work = cmd.env.get("TMP_DIR")
+    if work:
+        release_tmpdirs({str(p) for p in Path(work).glob("dib_*")})
+
+
+def mounts_under(d: str) -> list[str]:
+    with open("/proc/mounts") as f:
+        points = [line.split()[1].encode().decode("unicode_escape") for line in f]
+    return [m for m in points if m == d or m.startswith(d + "/")]
+
+
+def release_tmpdirs(dirs: set[str]) -> None:
+    """Undo what an interrupted DIB leaves behind (its EXIT trap does not survive a
+    Ctrl-C reliably): loop devices and mounts under its work dirs, then the dirs."""
+    loops = subprocess.run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"],
+                           capture_output=True, text=True).stdout.splitlines()
+    for d in sorted(dirs):
+        if not os.path.isdir(d):
             continue
+        for dev, _, back in (ln.partition(" ") for ln in loops):
+            if back.strip().startswith(d + "/"):
+                for link in Path("/dev/mapper").glob(f"{Path(dev).name}p*"):
+                    link.unlink(missing_ok=True)
+                subprocess.run(["partx", "-d", dev], capture_output=True)
+                subprocess.run(["losetup", "-d", dev], capture_output=True)
+        for point in sorted(mounts_under(d), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        if mounts_under(d):
+            log.warning("%s: still has mounts after an interrupted build; left in place", d)
+            continue
+        # --one-file-system: never follow into anything that is still mounted
+        subprocess.run(["rm", "-rf", "--one-file-system", d], capture_output=True)
 
 
 # ---------------------------------------------------------------- progress

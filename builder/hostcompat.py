@@ -83,7 +83,7 @@ def _install(path: Path, text: str, mark: str) -> None:
     if current == text:
         return
     if current is not None and mark not in current:
-        raise RuntimeError(f"{path}: exists and is not corehost's stand-in")
+        raise RuntimeError(f"{path} exists and is not corehost's stand-in")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)

@@ -32,7 +32,7 @@ class CreateCheckpoint(BaseModel):
 
 @router.get("/{name}/checkpoints", dependencies=[Depends(require(P.VM_AUDIT, "/vms/{name}"))])
 async def list_checkpoints(name: str, svc: Checkpoints) -> list[Checkpoint]:
-    return svc.list(name)
+    return svc.checkpoints(name)
 
 
 @router.get("/{name}/checkpoints/{checkpoint}",

@@ -13,11 +13,18 @@ import stat as st
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hvagent.disk import fs, image, p2v
+from hvagent.disk import image
 from hvagent.disk.errors import DiskError
 from hvagent.disk.image import ImageFormat
 from hvagent.disk.progress import progress_display
+
+if TYPE_CHECKING:
+    from hvagent.disk import fs
+
+# The guest file system and P2V modules are imported by the commands that use them:
+# image commands (convert above all) should cost no more than qemu-img itself.
 
 FORMATS = [f.value for f in ImageFormat]
 
@@ -32,6 +39,8 @@ def _emit(args: argparse.Namespace, data: object, text: Callable[[], str]) -> No
 
 
 def _guest(args: argparse.Namespace) -> fs.GuestImage:
+    from hvagent.disk import fs
+
     path, part = fs.parse_target(args.target)
     fuse = False if getattr(args, "no_fuse", False) else None
     return fs.GuestImage(path, part, fuse=fuse, force=getattr(args, "force", False))
@@ -127,6 +136,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_parts(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     scheme, parts = fs.GuestImage(Path(a.image)).layout()
     _emit(a, {"scheme": scheme, "partitions": [p.to_dict() for p in parts]},
           lambda: "\n".join([f"partition table: {scheme}"] + [
@@ -144,18 +155,24 @@ def _ls_line(e: dict[str, object]) -> str:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     rows = fs.ls(_guest(a), a.path)
     _emit(a, rows, lambda: "\n".join(_ls_line(r) if a.long else str(r["name"]) for r in rows))
     return 0
 
 
 def cmd_stat(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     info = fs.stat(_guest(a), a.path, follow=a.follow)
     _emit(a, info, lambda: "\n".join(f"{k}: {v}" for k, v in info.items()))
     return 0
 
 
 def cmd_cat(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     data = fs.cat(_guest(a), a.path)
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
@@ -163,6 +180,8 @@ def cmd_cat(a: argparse.Namespace) -> int:
 
 
 def cmd_get(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     dest = Path(a.dest)
     if dest.is_dir():
         dest = dest / Path(a.path).name
@@ -171,6 +190,8 @@ def cmd_get(a: argparse.Namespace) -> int:
 
 
 def cmd_put(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     uid, gid = _owner(a.owner) if a.owner else (None, None)
     plan = fs.put(_guest(a), Path(a.src), a.path, mode=_mode(a.mode) if a.mode else None,
                   uid=uid, gid=gid)
@@ -179,11 +200,15 @@ def cmd_put(a: argparse.Namespace) -> int:
 
 
 def cmd_rm(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     _changes(a, fs.rm(_guest(a), a.path, recursive=a.recursive))
     return 0
 
 
 def cmd_mkdir(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     uid, gid = _owner(a.owner) if a.owner else (0, 0)
     _changes(a, fs.mkdir(_guest(a), a.path, parents=a.parents, mode=_mode(a.mode),
                          uid=uid or 0, gid=gid or 0))
@@ -191,17 +216,23 @@ def cmd_mkdir(a: argparse.Namespace) -> int:
 
 
 def cmd_chmod(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     _changes(a, fs.chmod(_guest(a), a.path, _mode(a.mode)))
     return 0
 
 
 def cmd_chown(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     uid, gid = _owner(a.owner)
     _changes(a, fs.chown(_guest(a), a.path, uid, gid))
     return 0
 
 
 def cmd_apply(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
     owner: tuple[int, int] | None
     if a.keep_owner:
         owner = None
@@ -214,6 +245,8 @@ def cmd_apply(a: argparse.Namespace) -> int:
 
 # -- P2V -------------------------------------------------------------------------------------
 def cmd_p2v(a: argparse.Namespace) -> int:
+    from hvagent.disk import p2v
+
     with progress_display(f"p2v {Path(a.source).name}", enabled=not a.quiet) as prog:
         res = p2v.p2v(Path(a.source), Path(a.out), ImageFormat(a.to), progress=prog,
                       overwrite=a.force)
@@ -224,6 +257,8 @@ def cmd_p2v(a: argparse.Namespace) -> int:
 
 
 def cmd_detect(a: argparse.Namespace) -> int:
+    from hvagent.disk import p2v
+
     det = p2v.detect_boot(Path(a.image))
     _emit(a, det.to_dict(), lambda: "\n".join(
         [f"firmware: {det.firmware}", f"disk bus: {det.disk_bus}",

@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import shlex
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -149,6 +150,7 @@ class CheckpointService:
     def __init__(self, vms: VMService) -> None:
         self.vms = vms
         vms.startup_hooks.append(self.recover)
+        vms.delete_hooks.append(self._vm_deleted)
 
     @property
     def store(self) -> Any:
@@ -156,7 +158,7 @@ class CheckpointService:
 
     # queries
 
-    def list(self, vm: str) -> list[Checkpoint]:
+    def checkpoints(self, vm: str) -> list[Checkpoint]:
         self._vm_spec(vm)
         rows = self.store.query(
             "SELECT * FROM checkpoints WHERE vm = ? ORDER BY created_at", (vm,))
@@ -164,7 +166,7 @@ class CheckpointService:
         return [self._model(r, head) for r in rows]
 
     def get(self, vm: str, ref: str) -> Checkpoint:
-        for c in self.list(vm):
+        for c in self.checkpoints(vm):
             if ref in (c.id, c.name):
                 return c
         raise NotFound(f"{vm}: no checkpoint {ref}")
@@ -186,7 +188,7 @@ class CheckpointService:
             assert d.path is not None
             if d.format is not DiskFormat.QCOW2 or await _unsaveable(d.path):
                 method = "external"
-        existing = self.list(vm)
+        existing = self.checkpoints(vm)
         name = name or f"ckpt-{len(existing) + 1}"
         if any(c.name == name for c in existing):
             raise Conflict(f"{vm}: a checkpoint named {name} already exists")
@@ -446,12 +448,12 @@ class CheckpointService:
         if not folder.is_dir():
             return
         needed: set[str] = set()
-        specs = [self._vm_spec(vm), *(c.spec for c in self.list(vm))]
+        specs = [self._vm_spec(vm), *(c.spec for c in self.checkpoints(vm))]
         for s in specs:
             for d in s.disks:
                 if d.path:
                     needed.update(await _chain(d.path))
-        for c in self.list(vm):
+        for c in self.checkpoints(vm):
             if c.method == "external":
                 memory = self._files(c.id).get("memory")
                 if memory:
@@ -459,6 +461,24 @@ class CheckpointService:
         for f in folder.iterdir():
             if str(f.resolve()) not in needed:
                 f.unlink(missing_ok=True)
+
+    async def _vm_deleted(self, vm: str, keep_disks: bool) -> list[str]:
+        """A VM is deleted: unless its disks are kept, its checkpoint files go too, and
+        the agent-created disks its checkpoints hold (frozen under overlays)."""
+        if keep_disks:
+            return []
+        current = {d.path for d in self._vm_spec(vm).disks if d.created}
+        removed = []
+        for c in self.checkpoints(vm):
+            for d in c.spec.disks:
+                if d.created and d.path and d.path not in current and Path(d.path).exists():
+                    Path(d.path).unlink()
+                    removed.append(d.path)
+        folder = self._folder(vm)
+        if folder.is_dir():
+            removed += [str(f) for f in folder.iterdir() if str(f) not in current]
+            shutil.rmtree(folder)
+        return sorted(set(removed))
 
     # after an agent restart
 

@@ -71,7 +71,7 @@ def _port(slot: int) -> str:
 
 
 def free_port(spec: VMSpec) -> int | None:
-    used = {x.slot for x in (*spec.disks, *spec.nics)}
+    used = {d.slot for d in spec.disks} | {n.slot for n in spec.nics}
     return next((p for p in range(spec.hotplug_ports) if p not in used), None)
 
 
@@ -243,8 +243,8 @@ class DeviceService:
             "memory_slots": s.memory_slots,
             "free_memory_slots": (s.memory_slots or 0) - len(s.dimms),
             "hotplug_ports": s.hotplug_ports,
-            "free_ports": s.hotplug_ports - sum(1 for x in (*s.disks, *s.nics)
-                                                if x.slot is not None),
+            "free_ports": s.hotplug_ports - sum(d.slot is not None for d in s.disks)
+                          - sum(n.slot is not None for n in s.nics),
             "disks": [d.model_dump() for d in s.disks],
             "nics": [n.model_dump() for n in s.nics],
             "pending_unplugs": [p.model_dump() for p in s.pending_unplugs],

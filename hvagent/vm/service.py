@@ -94,6 +94,8 @@ class VMService:
         # data (vm, event, data), and recovery work run once the VMs are reattached.
         self.event_listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
+        # (vm, keep_disks) -> files removed; run by delete() before the VM's row goes.
+        self.delete_hooks: list[Callable[[str, bool], Awaitable[list[str]]]] = []
 
     # lifecycle of the service itself
 
@@ -250,9 +252,11 @@ class VMService:
             if row.state in ACTIVE:
                 raise Conflict(f"{name}: is {row.state}; stop it first")
             spec = VMSpec.model_validate_json(row.spec)
+            removed: builtins.list[str] = []
+            for hook in self.delete_hooks:  # while the VM's other rows still exist
+                removed += await hook(name, keep_disks)
             self.store.delete_vm(name)
             machine.remove_files(self.files(name))
-            removed = []
             if not keep_disks:
                 for d in spec.disks:
                     if d.created and d.path:

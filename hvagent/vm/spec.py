@@ -184,7 +184,8 @@ class VMSpec(BaseModel):
         if len(set(dimm_slots)) != len(dimm_slots) or any(
                 s >= self.memory_slots for s in dimm_slots):
             raise ValueError("dimms: slots must be distinct and below memory_slots")
-        ports = [x.slot for x in (*self.disks, *self.nics) if x.slot is not None]
+        ports = [d.slot for d in self.disks if d.slot is not None] + [
+            n.slot for n in self.nics if n.slot is not None]
         if len(set(ports)) != len(ports) or any(p >= self.hotplug_ports for p in ports):
             raise ValueError("disk/NIC slots must be distinct and below hotplug_ports")
         macs = [n.mac for n in self.nics]

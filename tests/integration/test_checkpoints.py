@@ -139,6 +139,10 @@ def test_stopped_vm_checkpoint_is_disk_only(agent: Agent, tiny_guest) -> None:
     out = subprocess.run(["qemu-io", "-r", "-c", "read -P 0 0 64k",
                           vm["spec"]["disks"][0]["path"]], capture_output=True, text=True)
     assert "Pattern verification failed" not in out.stdout and out.returncode == 0, out
+    # Deleting the VM removes its frozen image and overlays with it.
+    removed = agent.ok("DELETE", "/vms/cold")["removed_disks"]
+    assert disk in removed and vm["spec"]["disks"][0]["path"] in removed
+    assert list(agent.storage.iterdir()) == []
 
 
 def test_agent_killed_during_checkpoint_job(agent: Agent, tiny_guest) -> None:
@@ -168,3 +172,32 @@ def test_agent_killed_during_checkpoint_job(agent: Agent, tiny_guest) -> None:
         assert cps[0]["id"] in tags
     else:  # undone after the restart: no half-made snapshot stays behind
         assert tags.strip() == ""
+
+
+def test_agent_killed_during_revert(agent: Agent, tiny_guest) -> None:
+    vm = make_vm(agent, tiny_guest, "rk", "qcow2")
+    disk = vm["spec"]["disks"][0]["path"]
+    agent.ok("POST", "/vms/rk/start")
+    wait_state(agent, "rk", counter=lambda v: int(v) >= 2)
+    run_job(agent, "POST", "/vms/rk/checkpoints", json={"name": "base"})
+    agent.ok("PUT", "/vms/rk/vcpus", json={"vcpus": 2})  # layout differs: QEMU restarts
+    r = agent.client.post("/vms/rk/checkpoints/base/revert")
+    assert r.status_code == 202
+    agent.kill()  # mid-job
+    agent.start()
+
+    job = agent.ok("GET", f"/jobs/{r.json()['id']}")
+    assert job["status"] in ("failed", "succeeded"), job
+    vm = agent.ok("GET", "/vms/rk")
+    assert vm["spec"]["vcpus"] == 1  # the checkpoint's layout either way
+    if job["status"] == "failed":  # off, disks at the checkpoint
+        assert vm["state"] == "stopped" and "interrupted" in vm["last_error"]
+        assert agent.qemu_pids() == []
+    else:
+        assert vm["state"] == "running" and vm["pid"] in agent.qemu_pids()
+        agent.ok("POST", "/vms/rk/stop", json={"force": True})
+    assert [c["status"] for c in agent.ok("GET", "/vms/rk/checkpoints")] == ["ready"]
+    subprocess.run(["qemu-img", "check", disk], check=True, capture_output=True)
+    # and the VM works from there
+    assert agent.ok("POST", "/vms/rk/start")["state"] == "running"
+    wait_state(agent, "rk", cpus=1)

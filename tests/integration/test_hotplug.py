@@ -102,3 +102,47 @@ def test_unplug_without_guest_os_goes_pending(agent: Agent) -> None:
     agent.ok("POST", "/vms/deaf/stop", json={"force": True})
     vm = agent.ok("POST", "/vms/deaf/start")
     assert vm["spec"]["disks"] == [] and vm["spec"]["pending_unplugs"] == []
+
+
+def test_spec_of_hot_added_devices_is_checked(agent: Agent) -> None:
+    base = {"name": "bad", "vcpus": 2, "max_vcpus": 4, "memory_mib": 256,
+            "max_memory_mib": 512}
+    for extra, field in (({"hot_vcpus": 2}, "hot_vcpus"),
+                         ({"dimms": [{"slot": 0, "size_mib": 256}]}, "dimms"),
+                         ({"dimms": [{"slot": 8, "size_mib": 128}]}, "slots"),
+                         ({"hotplug_ports": 1, "nics": [{"slot": 1}]}, "hotplug_ports")):
+        r = agent.client.post("/vms", json={**base, **extra})
+        assert r.status_code == 422 and field in r.json()["detail"], (extra, r.text)
+    assert agent.ok("GET", "/vms") == []
+
+
+def test_hot_added_devices_are_not_on_the_command_line(tmp_path) -> None:
+    from hvagent.vm.machine import VMFiles, build_command
+    from hvagent.vm.spec import VMSpec
+
+    spec = VMSpec.model_validate({
+        "name": "cmd", "vcpus": 3, "max_vcpus": 4, "hot_vcpus": 2, "memory_mib": 512,
+        "max_memory_mib": 1024, "dimms": [{"slot": 1, "size_mib": 256}],
+        "disks": [{"path": "/a.qcow2", "format": "qcow2", "created": True},
+                  {"path": "/b.qcow2", "format": "qcow2", "created": True, "slot": 0}],
+        "nics": [{"slot": 1}]})
+    cmd = " ".join(build_command(spec, VMFiles.for_vm("cmd", tmp_path, tmp_path, tmp_path),
+                                 []))
+    assert "-smp 1,maxcpus=4" in cmd and "-m 256M,slots=8,maxmem=1024M" in cmd
+    assert "/a.qcow2" in cmd and "/b.qcow2" not in cmd and "virtio-net" not in cmd
+
+
+def test_refused_hot_add_leaves_spec_and_vm_as_before(agent: Agent) -> None:
+    disk = agent.ok("POST", "/vms", json={"name": "owner", "memory_mib": 64,
+                                          "disks": [{"size": "8M"}]})["spec"]["disks"][0]
+    agent.ok("POST", "/vms", json={"name": "other", "memory_mib": 64})
+    agent.ok("POST", "/vms/owner/start")
+    agent.ok("POST", "/vms/other/start")
+    # QEMU refuses an image another running VM has open (image locking).
+    r = agent.client.post("/vms/other/disks", json={"path": disk["path"]})
+    assert r.status_code == 500 and "lock" in r.json()["detail"], r.text
+    vm = agent.ok("GET", "/vms/other")
+    assert vm["state"] == "running" and vm["spec"]["disks"] == []
+    # nothing half-plugged stays behind: the same port takes the next disk
+    r = agent.ok("POST", "/vms/other/disks", json={"size": "8M"})
+    assert [d["slot"] for d in r["vm"]["spec"]["disks"]] == [0]

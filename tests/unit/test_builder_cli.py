@@ -60,3 +60,11 @@ def test_pytest_passthrough_only_for_test(tmp_path: Path,
     # options after the image still belong to corehost, not to pytest
     assert cli.main(["test", str(tmp_path / "none.qcow2"), "--accel", "tcg", "--", "-x"]) == 2
     assert "none.qcow2: no such image" in capsys.readouterr().err
+
+
+def test_fields_table_documents_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from builder.profile import FIELDS
+
+    assert cli.main(["profiles", "--fields"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == [f.key for f in FIELDS]

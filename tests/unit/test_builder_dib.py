@@ -77,7 +77,7 @@ def test_mirrors_fall_back_to_debian(tmp_path: Path) -> None:
 def test_command_line_and_environment(small: Path, fake_root: Path, tmp_path: Path) -> None:
     d = apt_dir(tmp_path, {"sources.list.d/debian.sources": DEB822})
     build = tmp_path / "b"
-    cmd = dib.dib_command(load(small), build / "elements", build / "dib" / "small", apt_dir=d)
+    cmd = dib.dib_command(load(small), build, apt_dir=d)
     assert cmd.argv[0].endswith("disk-image-create")
     assert cmd.argv[1:] == [
         "-t", "qcow2", "-o", str(tmp_path / "b" / "dib" / "small"),
@@ -92,6 +92,7 @@ def test_command_line_and_environment(small: Path, fake_root: Path, tmp_path: Pa
     assert env["DIB_DEBIAN_SECURITY_MIRROR"] == "http://mirror.example/debian-security"
     assert env["DIB_APT_MINIMAL_CREATE_INTERFACES"] == "0"
     assert env["DIB_IMAGE_CACHE"].endswith("/.cache/image-create")
+    assert env["TMP_DIR"] == str(build / "dibtmp")  # DIB's work dirs stay inside the build
     assert env["DIB_BOOTLOADER_DEFAULT_CMDLINE"] == (
         "nofb nomodeset gfxpayload=text quiet net.ifnames=0")
     # the shell form round-trips to the same argv

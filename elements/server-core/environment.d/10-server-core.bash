@@ -6,3 +6,6 @@ export DIB_APT_MINIMAL_CREATE_INTERFACES=0
 # dist-upgraded right after unpacking, so a cached base never ships stale packages.
 export DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE=${DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE:-1}
 export DIB_DEBOOTSTRAP_CACHE=${DIB_DEBOOTSTRAP_CACHE:-1}
+
+# A headless host boots unattended: one second at the GRUB menu, not DIB's five.
+export DIB_GRUB_TIMEOUT=${DIB_GRUB_TIMEOUT:-1}

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from hvagent.errors import Conflict, InvalidRequest, NotFound
 from hvagent.vm import machine
@@ -197,8 +197,14 @@ def _dump(upd: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with(spec: VMSpec, **upd: Any) -> VMSpec:
-    """A validated copy of `spec` with fields replaced."""
-    return VMSpec.model_validate({**spec.model_dump(), **_dump(upd)})
+    """A validated copy of `spec` with fields replaced; a change the spec's own rules
+    refuse is the caller's mistake, named like any other invalid request."""
+    try:
+        return VMSpec.model_validate({**spec.model_dump(), **_dump(upd)})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or ", ".join(upd)
+        raise InvalidRequest(f"{spec.name}: {where}: {first['msg']}") from None
 
 
 def settle_pending(spec: VMSpec) -> VMSpec:

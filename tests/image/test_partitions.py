@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import shlex
 import uuid
+from collections.abc import Iterator
 
 import pytest
+from testinfra.host import Host
 
 # The host runs under TCG in CI, and the child under nested virtualization on top:
 # give the banner generous time; a healthy child prints it within seconds.
@@ -18,14 +20,14 @@ BANNER_WAIT_S = 180
 
 
 @pytest.fixture
-def child(host):
+def child(host: Host) -> Iterator[str]:
     name = f"imgcheck-{uuid.uuid4().hex[:8]}"
     yield name
     host.run(f"hvctl vm stop {name} --force")
     host.run(f"hvctl vm delete {name}")
 
 
-def host_kernel(host) -> tuple[str, str]:
+def host_kernel(host: Host) -> tuple[str, str]:
     kernels = sorted(host.check_output("ls /boot/vmlinuz-*").split())
     assert kernels, "no kernel in /boot"
     version = kernels[-1].removeprefix("/boot/vmlinuz-")
@@ -34,7 +36,7 @@ def host_kernel(host) -> tuple[str, str]:
     return kernels[-1], initrd
 
 
-def test_child_vm_boots_the_hosts_kernel(host, child):
+def test_child_vm_boots_the_hosts_kernel(host: Host, child: str) -> None:
     kernel, initrd = host_kernel(host)
     create = host.run(
         f"hvctl vm create {child} --vcpus 1 --memory 256 --kernel {kernel} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from testinfra.host import Host
 
 # KVM_CREATE_VM = _IO(KVMIO=0xAE, 0x01); returns the new VM's file descriptor.
 CREATE_VM = (
@@ -12,26 +13,31 @@ CREATE_VM = (
 )
 
 
-def cpu_vendor_module(host) -> str:
-    flags = host.file("/proc/cpuinfo").content_string
-    if " svm" in flags:
+def cpu_flags(host: Host) -> list[set[str]]:
+    """The flags of every CPU in /proc/cpuinfo."""
+    return [
+        set(line.split(":", 1)[1].split())
+        for line in host.file("/proc/cpuinfo").content_string.splitlines()
+        if line.startswith("flags")
+    ]
+
+
+def cpu_vendor_module(host: Host) -> str:
+    flags = cpu_flags(host)[0]
+    if "svm" in flags:
         return "kvm_amd"
-    if " vmx" in flags:
+    if "vmx" in flags:
         return "kvm_intel"
     pytest.fail("neither svm nor vmx in /proc/cpuinfo: the CPU exposes no virtualization")
 
 
-def test_cpu_exposes_svm_or_vmx(host):
-    flags = [
-        line.split(":", 1)[1].split()
-        for line in host.file("/proc/cpuinfo").content_string.splitlines()
-        if line.startswith("flags")
-    ]
+def test_cpu_exposes_svm_or_vmx(host: Host) -> None:
+    flags = cpu_flags(host)
     assert flags, "no flags line in /proc/cpuinfo"
     assert all("svm" in f or "vmx" in f for f in flags)
 
 
-def test_kvm_modules_loaded_with_nesting(host):
+def test_kvm_modules_loaded_with_nesting(host: Host) -> None:
     vendor = cpu_vendor_module(host)
     modules = host.file("/proc/modules").content_string.split("\n")
     loaded = {line.split(" ", 1)[0] for line in modules if line}
@@ -40,13 +46,13 @@ def test_kvm_modules_loaded_with_nesting(host):
     assert nested in ("1", "Y")
 
 
-def test_dev_kvm_creates_a_vm(host):
+def test_dev_kvm_creates_a_vm(host: Host) -> None:
     assert host.run("test -c /dev/kvm").rc == 0, "/dev/kvm is not a character device"
     out = host.check_output(f'python3 -c "{CREATE_VM}"')
     assert int(out) >= 0
 
 
 @pytest.mark.parametrize("tool", ["qemu-system-x86_64", "qemu-img", "qemu-storage-daemon"])
-def test_qemu_tools_run(host, tool):
+def test_qemu_tools_run(host: Host, tool: str) -> None:
     out = host.check_output(f"{tool} --version")
     assert "version" in out.lower()

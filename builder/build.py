@@ -87,13 +87,12 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
             wheels = render.build_wheelhouse(inputs.parts["agent_source"]) if with_agent else None
             if wheels is not None:
                 progress.note(f"agent wheels: {len(list(wheels.glob('*.whl')))} from {wheels}")
-            elements_root = render.render_overlay(profile, tmp, wheels)
+            render.render_overlay(profile, tmp, wheels)  # -> tmp/elements, as dib_command expects
             result = tmp / "result"
             for d in (result, tmp / "dib", tmp / "dibtmp"):
                 d.mkdir()
             cmd = dib.dib_command(profile, tmp)
             dib_base = tmp / "dib" / profile.name
-            assert elements_root == tmp / "elements"
             log_path = result / "dib.log"
             try:
                 kpartx = hostcompat.ensure_kpartx()

@@ -167,7 +167,7 @@ def build_wheelhouse(source_hash: str | None = None) -> Path:
     cache = wheel_cache_dir()
     target = cache / source_hash[:16]
     if target.is_dir() and any(target.glob("corehost-*.whl")):
-        log.info("agent wheels: reusing %s", target)
+        log.debug("agent wheels: reusing %s", target)
         return target
     cache.mkdir(parents=True, exist_ok=True)
     root = repo_root()
@@ -195,7 +195,7 @@ def build_wheelhouse(source_hash: str | None = None) -> Path:
         out.rename(staged)
         shutil.rmtree(target, ignore_errors=True)
         staged.rename(target)
-    log.info("agent wheels: built %s", target)
+    log.debug("agent wheels: built %s", target)
     _prune(cache, keep=WHEEL_CACHE_KEEP)
     return target
 

@@ -230,6 +230,19 @@ def cmd_chown(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fsck(a: argparse.Namespace) -> int:
+    from hvagent.disk import fs
+
+    gi = _guest(a)
+    if a.repair:
+        result = gi.repair()
+    else:
+        problem = gi.read(lambda f: f.problems() if isinstance(f, fs.ExtFS) else None)
+        result = "clean" if problem is None else f"errors: {problem}"
+    _emit(a, {"result": result}, lambda: result)
+    return 0 if not result.startswith("errors") else 1
+
+
 def cmd_apply(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
@@ -354,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = guest("chown", cmd_chown, "change a guest file's owner (numeric)", True)
     sp.add_argument("owner", metavar="UID[:GID]")
     sp.add_argument("path")
+    sp = guest("fsck", cmd_fsck, "check (or --repair) the guest file system", True)
+    sp.add_argument("--repair", action="store_true", help="e2fsck -fy / fsck.fat -a")
     sp = guest("apply", cmd_apply, "copy a host directory tree into the guest", True)
     sp.add_argument("--tree", required=True, help="host directory to copy")
     sp.add_argument("--dest", default="/", help="guest directory (default /)")

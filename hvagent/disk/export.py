@@ -6,6 +6,7 @@ dies with us, via PR_SET_PDEATHSIG) and translates its lock failures into ImageI
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -44,11 +45,35 @@ def _mounted(mp: Path, parent_dev: int) -> bool:
         return False
 
 
+def reap_stale_exports() -> None:
+    """Unmount exports whose daemon was killed outright (SIGKILL leaves a dead FUSE
+    mount behind: "transport endpoint is not connected") and drop their directories."""
+    prefix = os.path.join(tempfile.gettempdir(), "hvdisk-")
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3 or not fields[2].startswith("fuse") or not fields[1].startswith(
+                prefix):
+            continue
+        try:
+            os.stat(fields[1])
+            continue  # alive: another session's export
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                continue
+        subprocess.run(["fusermount3", "-uz", fields[1]], capture_output=True, check=False)
+        shutil.rmtree(os.path.dirname(fields[1]), ignore_errors=True)
+
+
 @contextmanager
 def fuse_export(image: Path, fmt: ImageFormat, *, writable: bool,
                 window: tuple[int, int] | None = None) -> Iterator[Path]:
     """A raw view of `image` (or of the byte range `window` = (offset, size) of its
     guest-visible disk) at a temporary path, for as long as the block runs."""
+    reap_stale_exports()
     work = Path(tempfile.mkdtemp(prefix="hvdisk-"))
     mp = work / "disk.raw"
     mp.touch()

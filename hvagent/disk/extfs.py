@@ -320,11 +320,31 @@ class ExtFS:
         if errs or proc.returncode:
             raise DiskError(f"debugfs failed while writing: {errs[0] if errs else proc.returncode}")
 
-    def verify(self) -> None:
+    def problems(self) -> str | None:
+        """None when `e2fsck -fn` finds the file system clean, else what it said."""
         proc = subprocess.run(["e2fsck", "-fn", self.vol.e2spec()], capture_output=True,
                               check=False)
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines()
-                     if ln and not ln.startswith("Pass ")]
-            raise DiskError("e2fsck -n reports errors after the write: "
-                            + ("; ".join(lines[:3]) or f"exit {proc.returncode}"))
+        if proc.returncode == 0:
+            return None
+        lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines()
+                 if ln and not ln.startswith(("Pass ", "e2fsck "))]
+        return "; ".join(lines[:3]) or f"e2fsck exit {proc.returncode}"
+
+    def check_clean(self) -> None:
+        problem = self.problems()
+        if problem:
+            raise DiskError("the ext file system has errors (an interrupted edit?); nothing "
+                            f"written; repair it with `hvdisk fsck --repair`: {problem}")
+
+    def verify(self) -> None:
+        problem = self.problems()
+        if problem:
+            raise DiskError(f"e2fsck -n reports errors after the write: {problem}")
+
+    def repair(self) -> str:
+        proc = subprocess.run(["e2fsck", "-fy", self.vol.e2spec()], capture_output=True,
+                              check=False)
+        if proc.returncode & ~3:  # 1 and 2: errors corrected
+            raise DiskError(f"e2fsck -fy could not repair the file system (exit "
+                            f"{proc.returncode})")
+        return "repaired" if proc.returncode else "clean"

@@ -214,6 +214,22 @@ class FatFS:
                     left -= len(chunk)
             self._fsck(copy)
 
+    def check_clean(self) -> None:
+        # FAT keeps no journal an interrupted edit could leave half-replayed; checking
+        # it needs a copy (fsck.fat takes no offset), so it is checked after writes only.
+        return None
+
+    def repair(self) -> str:
+        if self.vol.offset:
+            raise DiskError("repairing FAT needs the FUSE export (no --no-fuse)")
+        fsck = shutil.which("fsck.fat") or "/usr/sbin/fsck.fat"
+        proc = subprocess.run([fsck, "-a", str(self.vol.path)], capture_output=True,
+                              check=False)
+        if proc.returncode not in (0, 1):
+            raise DiskError(f"fsck.fat -a could not repair the file system "
+                            f"(exit {proc.returncode})")
+        return "repaired" if proc.returncode else "clean"
+
     @staticmethod
     def _fsck(path: Path) -> None:
         fsck = shutil.which("fsck.fat") or "/usr/sbin/fsck.fat"

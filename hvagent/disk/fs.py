@@ -154,7 +154,9 @@ class GuestImage:
         if self.use_fuse:
             with fuse_export(self.image, self.fmt, writable=False) as raw:
                 vol = self._volume(raw)
-                plan_fn(make_fs(vol), plan)
+                fs = make_fs(vol)
+                fs.check_clean()
+                plan_fn(fs, plan)
             if not plan:
                 return plan
             window = (vol.part.start, vol.part.size)
@@ -166,12 +168,32 @@ class GuestImage:
         if self.fmt is ImageFormat.RAW:
             img.image_info(self.image, self.fmt)  # QEMU's lock
             fs = make_fs(self._volume(self.image))
+            fs.check_clean()
             plan_fn(fs, plan)
             if plan:
                 fs.execute(plan)
                 fs.verify()
             return plan
         return self._write_via_raw_copy(plan_fn, plan)
+
+    def repair(self) -> str:
+        """Repair the file system in place (e2fsck -fy / fsck.fat -a): 'clean' or
+        'repaired'. Needs the FUSE export or a raw image."""
+        with _named(self.image):
+            self._precheck(write=True)
+            if self.fmt is ImageFormat.RAW and not self.use_fuse:
+                img.image_info(self.image, self.fmt)  # QEMU's lock
+                return make_fs(self._volume(self.image)).repair()
+            if not self.use_fuse:
+                raise DiskError("repair needs /dev/fuse for a non-raw image")
+            with fuse_export(self.image, self.fmt, writable=False) as raw:
+                part = self._volume(raw).part
+            with fuse_export(self.image, self.fmt, writable=True,
+                             window=(part.start, part.size)) as view:
+                fs = make_fs(Volume(view, 0, part))
+                result = fs.repair()
+                fs.verify()
+            return result
 
     def _write_via_raw_copy(self, plan_fn: Callable[[GuestFS, Plan], None],
                             plan: Plan) -> Plan:
@@ -188,6 +210,7 @@ class GuestImage:
             raw = Path(work) / "disk.raw"
             img.convert(self.image, raw, ImageFormat.RAW, src_format=self.fmt)
             fs = make_fs(self._volume(raw))
+            fs.check_clean()
             plan_fn(fs, plan)
             if not plan:
                 return plan

@@ -174,13 +174,17 @@ def test_refused_paths_leave_the_image_byte_identical(fmt: str, raws: dict[str, 
     assert d.sha256() == before
 
 
-def test_interrupted_edit_leaves_a_consistent_image(raws: dict[str, Path],
+@pytest.mark.parametrize("kill", ["hvdisk", "process-group"])
+def test_interrupted_edit_leaves_a_consistent_image(kill: str, raws: dict[str, Path],
                                                    tmp_path: Path) -> None:
+    """SIGKILL to hvdisk alone (its storage daemon still flushes), or to everything
+    including the daemon (nothing flushes; a dead FUSE mount stays until the next run)."""
     d = di.TestDisk(di.convert(raws["gpt"], "qcow2", tmp_path / "d.qcow2"), "qcow2", "gpt")
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(30 << 20))
     proc = subprocess.Popen([*HVDISK, "put", str(d.path), str(big), "/big.bin"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     # Kill the edit once debugfs is writing (a child of hvdisk running debugfs -w).
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -190,7 +194,10 @@ def test_interrupted_edit_leaves_a_consistent_image(raws: dict[str, Path],
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the edit finished before it could be interrupted"
-    proc.kill()
+    if kill == "hvdisk":
+        proc.kill()
+    else:
+        os.killpg(proc.pid, 9)
     proc.wait()
     # The storage daemon stops with us; wait until the image lock is free again.
     deadline = time.monotonic() + 30
@@ -198,8 +205,33 @@ def test_interrupted_edit_leaves_a_consistent_image(raws: dict[str, Path],
                          check=False).returncode != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert di.qemu_img_check_ok(d.path, "qcow2")
-    # The guest still reads, and a new edit works.
+    # The guest still reads. A file system the kill left unclean is refused for writes
+    # (nothing written) until repaired; then edits work again.
     assert hvdisk("cat", d.path, "/etc/hostname").stdout == di.FILES["etc/hostname"]
+    check = subprocess.run([*HVDISK, "fsck", str(d.path)], capture_output=True, check=False)
+    assert check.returncode in (0, 1), check.stderr
+    if check.returncode == 1:
+        before = d.sha256()
+        err = hvdisk("put", d.path, big, "/big2.bin", rc=2).stderr.decode()
+        assert "fsck --repair" in err
+        assert d.sha256() == before
+        hvdisk("fsck", "--repair", d.path)
+        hvdisk("fsck", d.path)
+    hvdisk("put", d.path, big, "/big2.bin")
+    assert hvdisk("cat", d.path, "/big2.bin").stdout == big.read_bytes()
+    assert di.ext_clean(d.path, "qcow2", tmp_path).returncode == 0
+    # No dead export is left mounted.
+    assert f"{d.path}" not in Path("/proc/self/mounts").read_text()
+    assert not [ln for ln in Path("/proc/self/mounts").read_text().splitlines()
+                if "/hvdisk-" in ln and "fuse" in ln and not _alive(ln.split()[1])]
+
+
+def _alive(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+        return True
+    except OSError:
+        return False
 
 
 def test_image_in_use_is_refused(raws: dict[str, Path], tmp_path: Path) -> None:

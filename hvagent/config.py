@@ -6,12 +6,15 @@ Every key is optional; an unknown key or a wrong type is an error naming the key
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hvagent.errors import InvalidRequest
 from hvagent.vm.accel import Accel
+
+M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_CONFIG = Path("/etc/hvagent/hvagent.yaml")
 
@@ -59,6 +62,12 @@ def load_config(path: Path | None) -> AgentConfig:
         if not DEFAULT_CONFIG.exists():
             return AgentConfig()
         path = DEFAULT_CONFIG
+    return load_settings(path, AgentConfig)
+
+
+def load_settings(path: Path, model: type[M]) -> M:
+    """A YAML settings file validated into `model`; every error is one line naming the
+    file and the key."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
@@ -68,12 +77,13 @@ def load_config(path: Path | None) -> AgentConfig:
     if not isinstance(data, dict):
         raise InvalidRequest(f"{path}: expected a mapping of settings")
     try:
-        return AgentConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise InvalidRequest(f"{path}: {key}: {msg}") from e
+        msg = msg.removeprefix("Value error, ")
+        raise InvalidRequest(f"{path}: {key + ': ' if key else ''}{msg}") from e
 
 
 def agent_version() -> str:

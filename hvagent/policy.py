@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hvagent.errors import HVError, InvalidRequest
+from hvagent.config import load_settings
+from hvagent.errors import HVError
 
 ROOT = "root"  # the built-in principal of a uid-0 peer on the unix socket
 
@@ -175,22 +175,7 @@ def load_policy(path: Path) -> HostPolicy:
     """The policy file; a missing file means built-in roles and no limits."""
     if not path.exists():
         return HostPolicy()
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise InvalidRequest(f"{path}: cannot read: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise InvalidRequest(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise InvalidRequest(f"{path}: expected a mapping of settings")
-    try:
-        return HostPolicy.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        msg = msg.removeprefix("Value error, ")
-        raise InvalidRequest(f"{path}: {key + ': ' if key else ''}{msg}") from e
+    return load_settings(path, HostPolicy)
 
 
 # access decisions

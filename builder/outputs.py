@@ -137,7 +137,8 @@ def reusable(outdir: Path, inputs: Inputs) -> tuple[bool, str]:
     if m is None:
         return False, "no previous build"
     if m.get("input_hash") != inputs.digest:
-        return False, "inputs changed"
+        changed = changed_inputs(m.get("inputs", {}), inputs.parts)
+        return False, "inputs changed: " + ", ".join(changed)
     for fmt, art in m.get("artifacts", {}).items():
         path = outdir / art["file"]
         if not path.is_file() or path.stat().st_size != art["size"]:
@@ -145,6 +146,18 @@ def reusable(outdir: Path, inputs: Inputs) -> tuple[bool, str]:
         if sha256_file(path) != art["sha256"]:
             return False, f"{fmt} artifact changed since it was built"
     return True, "up to date"
+
+
+def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of what differs between two input records (e.g. `element hvagent`)."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        if key == "elements":
+            a, b = old.get(key) or {}, new.get(key) or {}
+            names += [f"element {e}" for e in sorted(set(a) | set(b)) if a.get(e) != b.get(e)]
+        elif old.get(key) != new.get(key):
+            names.append(key.replace("_", " "))
+    return names or ["unknown"]
 
 
 def write_manifest(dest: Path, data: dict[str, Any]) -> Path:

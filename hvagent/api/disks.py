@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel, Field
@@ -150,7 +150,8 @@ async def make_dir(name: str, index: int, svc: Service, path: GuestPath,
              dependencies=[Depends(require(P.VM_ALLOCATE, "/vms"))])
 async def import_vm(req: ImportRequest, svc: Service) -> ImportResult:
     """Define a VM from an imported disk (e.g. `hvdisk p2v` output): UEFI when the disk
-    has an EFI system partition with a loader, else BIOS."""
+    has an EFI system partition with a loader, else BIOS; a virtio disk when the guest
+    has virtio drivers, else an emulated SATA disk on the AHCI controller."""
     p = Path(req.image)
     path = (p if p.is_absolute() else svc.storage_dir / p).resolve()
     if not path.is_relative_to(svc.storage_dir):
@@ -160,12 +161,9 @@ async def import_vm(req: ImportRequest, svc: Service) -> ImportResult:
         raise InvalidRequest(f"image: {req.image}: no such file")
     with _disk_errors():
         det = await asyncio.to_thread(detect_boot, path)
-    warnings = list(det.warnings)
-    if det.disk_bus != "virtio":
-        warnings.append("the VM's disk is attached as virtio-blk; without virtio drivers "
-                        "in its initramfs the guest may not find its root disk")
+    bus: Literal["virtio", "sata"] = "virtio" if det.disk_bus == "virtio" else "sata"
     spec = VMSpec(name=req.name, vcpus=req.vcpus, memory_mib=req.memory_mib,
-                  firmware=Firmware(det.firmware), disks=[DiskSpec(path=str(path))])
+                  firmware=Firmware(det.firmware), disks=[DiskSpec(path=str(path), bus=bus)])
     vm = await svc.create(spec)
-    return ImportResult(vm=vm, firmware=det.firmware, disk_bus=det.disk_bus,
-                        warnings=warnings)
+    return ImportResult(vm=vm, firmware=det.firmware, disk_bus=bus,
+                        warnings=list(det.warnings))

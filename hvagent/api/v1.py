@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from hvagent.api import checkpoints, devices, jobs, vms
+from hvagent.api import checkpoints, devices, disks, jobs, vms
 from hvagent.api.deps import vms as vms_dep
 from hvagent.api.schemas import AgentInfo
 from hvagent.auth import Privilege as P
@@ -20,6 +20,7 @@ router.include_router(vms.router)
 router.include_router(jobs.router)
 router.include_router(devices.router)
 router.include_router(checkpoints.router)
+router.include_router(disks.router)
 
 
 @router.get("/agent", tags=["agent"], dependencies=[Depends(require(P.SYS_AUDIT, "/"))])

@@ -15,7 +15,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from hvagent.cli import hvctl_audit, hvctl_devices, pinning
+from hvagent.cli import hvctl_audit, hvctl_devices, hvctl_disks, pinning
 from hvagent.config import load_config
 from hvagent.errors import HVError
 
@@ -51,11 +51,14 @@ def _client(args: argparse.Namespace, timeout: float | None) -> httpx.Client:
 
 
 def call(args: argparse.Namespace, method: str, path: str, *, body: Any = None,
-         params: dict[str, Any] | None = None, timeout: float | None = 30.0) -> Any:
+         params: dict[str, Any] | None = None, timeout: float | None = 30.0,
+         content: bytes | None = None, raw: bool = False) -> Any:
+    """One API request: `body` is sent as JSON, `content` as raw bytes; the answer is
+    decoded JSON, or its bytes with raw=True."""
     where = args.url or str(args.socket or default_socket())
     try:
         with _client(args, timeout) as c:
-            r = c.request(method, API + path, json=body, params=params)
+            r = c.request(method, API + path, json=body, params=params, content=content)
     except httpx.TransportError as e:
         raise CLIError(f"cannot reach the agent at {where}: {e}") from e
     if r.status_code >= 400:
@@ -64,7 +67,7 @@ def call(args: argparse.Namespace, method: str, path: str, *, body: Any = None,
         except ValueError:
             detail = r.text
         raise CLIError(f"{detail} (HTTP {r.status_code})")
-    return r.json()
+    return r.content if raw else r.json()
 
 
 def _kv(item: str, option: str) -> tuple[str, dict[str, str]]:
@@ -135,7 +138,8 @@ def _vm_show(vm: dict[str, Any]) -> None:
         ("memory", f"{s['memory_mib']} MiB (max {s['max_memory_mib']} MiB, "
                    f"{s['memory_slots']} slots)"),
         ("firmware", s["firmware"]),
-        *[(f"disk{i}", f"{d['path']} ({d['format']})") for i, d in enumerate(s["disks"])],
+        *[(f"disk{i}", f"{d['path']} ({d['format']}, {d.get('bus', 'virtio')})")
+          for i, d in enumerate(s["disks"])],
         *[(f"nic{i}", f"{n['model']} {n['mac']} ({n['network']})")
           for i, n in enumerate(s["nics"])],
         ("kernel", s["kernel"] or "-"), ("serial log", vm["serial_log"]),
@@ -163,6 +167,16 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "audit":
         try:
             hvctl_audit.run(args, call)
+        except HVError as e:
+            raise CLIError(e.message) from e
+        return
+    if args.command == "disk" or getattr(args, "vm_command", None) in \
+            hvctl_disks.VM_COMMANDS:
+        try:
+            if args.command == "disk":
+                hvctl_disks.run_disk(args, call, _out)
+            else:
+                hvctl_disks.run_vm(args, call, _out)
         except HVError as e:
             raise CLIError(e.message) from e
         return
@@ -218,6 +232,7 @@ def parser() -> argparse.ArgumentParser:
     vm = top.add_parser("vm", help="child VMs").add_subparsers(dest="vm_command", required=True)
     hvctl_audit.add_parser(top)
     hvctl_devices.add_checkpoint_parser(top)
+    hvctl_disks.add_disk_parser(top)
 
     c = vm.add_parser("create", help="define a VM")
     c.add_argument("name")
@@ -250,6 +265,7 @@ def parser() -> argparse.ArgumentParser:
     co.add_argument("name")
     co.add_argument("--lines", type=int, default=50)
     hvctl_devices.add_vm_parsers(vm)
+    hvctl_disks.add_vm_parsers(vm)
     return p
 
 

@@ -147,7 +147,7 @@ def cmd_parts(a: argparse.Namespace) -> int:
 
 
 # -- guest file commands --------------------------------------------------------------------
-def _ls_line(e: dict[str, object]) -> str:
+def ls_line(e: dict[str, object]) -> str:
     kind = {"dir": st.S_IFDIR, "file": st.S_IFREG, "symlink": st.S_IFLNK}.get(
         str(e["type"]), 0)
     mode = st.filemode(kind | int(str(e["mode"]), 8))
@@ -158,7 +158,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
     rows = fs.ls(_guest(a), a.path)
-    _emit(a, rows, lambda: "\n".join(_ls_line(r) if a.long else str(r["name"]) for r in rows))
+    _emit(a, rows, lambda: "\n".join(ls_line(r) if a.long else str(r["name"]) for r in rows))
     return 0
 
 

@@ -40,6 +40,11 @@ class ImageFormat(StrEnum):
         """The driver name qemu uses for this format."""
         return "vpc" if self is ImageFormat.VHD else self.value
 
+    @classmethod
+    def from_qemu(cls, driver: str) -> ImageFormat:
+        """The format of a qemu driver name ("vpc" is VHD)."""
+        return cls.VHD if driver == "vpc" else cls(driver)
+
 
 @dataclass(frozen=True)
 class ImageInfo:

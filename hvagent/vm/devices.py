@@ -366,6 +366,10 @@ class DeviceService:
             return await self._result(name, "done", f"vcpus set to {vcpus}")
 
     async def attach_disk(self, name: str, disk: DiskSpec) -> Change:
+        if disk.bus != "virtio":
+            # An AHCI port cannot be hot-plugged; a sata disk is defined with the VM.
+            raise InvalidRequest(f"disk.bus: {disk.bus} disks cannot be hot-attached (only "
+                                 "virtio); define the disk with the VM instead")
         mon = await self._monitor_if_active(name)
         with self.vms.locks.hold(name, "attach-disk"):
             spec = self._spec(name)
@@ -566,10 +570,10 @@ class DeviceService:
                 raise InvalidRequest(f"{where}.path: {disk.path}: no such file")
             if any(d.path == str(path) for d in spec.disks):
                 raise Conflict(f"{where}.path: {path} is already attached to {spec.name}")
-            found = await machine.image_format(path)
+            found = await svc.disk_format(path, f"{where}.path")
             if disk.format is not None and found != disk.format:
                 raise InvalidRequest(f"{where}.format: {disk.path} is {found}, not {disk.format}")
-            return DiskSpec(path=str(path), format=DiskFormat(found))
+            return DiskSpec(path=str(path), format=found)
         assert disk.size is not None
         fmt = disk.format or DiskFormat.QCOW2
         svc.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -577,5 +581,5 @@ class DeviceService:
         while (path := svc.storage_dir / f"{spec.name}-disk{n}.{_EXT[fmt]}").exists():
             n += 1
         created.append(path)
-        await machine.create_image(path, fmt, disk.size)
+        await svc.create_disk(path, fmt, disk.size, where)
         return DiskSpec(path=str(path), format=fmt, size=disk.size, created=True)

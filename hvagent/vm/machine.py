@@ -1,6 +1,6 @@
 """The QEMU driver: the command line built from a VMSpec, the QEMU process (start,
-liveness, kill), per-VM files (QMP socket, pidfile, serial log, UEFI vars) and the
-qemu-img calls the VM service needs to validate and create disks.
+liveness, kill) and per-VM files (QMP socket, pidfile, serial log, UEFI vars). Disk
+image files themselves (format, creation) belong to hvagent.disk.image.
 
 QEMU runs with -daemonize: the launching process returns once QEMU is set up (so start
 errors come back synchronously) and the VM belongs to no agent process, so it survives
@@ -20,11 +20,11 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvagent.errors import InvalidRequest, OperationFailed
+from hvagent.disk.image import QEMU_IMG  # noqa: F401 - machine.QEMU_IMG for checkpoints
+from hvagent.errors import OperationFailed
 from hvagent.vm.spec import BootDevice, DiskFormat, Firmware, VMSpec
 
 QEMU = "qemu-system-x86_64"
-QEMU_IMG = "qemu-img"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
@@ -95,11 +95,17 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str]) -> list[s
     for kind in dict.fromkeys(spec.boot_order):
         for i in range(counts[kind]):
             index[(kind, i)] = len(index) + 1
+    ahci_port = 0
     for i, d in enumerate(spec.disks):
         assert d.path is not None and d.format is not None
         if d.slot is not None:
             continue  # hot-attached: plugged over QMP
-        dev = f"virtio-blk-pci,drive=disk{i},id=disk{i}"
+        if d.bus == "sata":
+            # q35's built-in AHCI controller: one disk per port, ports in spec order.
+            dev = f"ide-hd,drive=disk{i},id=disk{i},bus=ide.{ahci_port}"
+            ahci_port += 1
+        else:
+            dev = f"virtio-blk-pci,drive=disk{i},id=disk{i}"
         if (BootDevice.DISK, i) in index:
             dev += f",bootindex={index[(BootDevice.DISK, i)]}"
         cmd += ["-blockdev", _blockdev(f"disk{i}", d.path, d.format), "-device", dev]
@@ -190,7 +196,7 @@ def tail(path: Path, lines: int) -> str:
         return ""
 
 
-# qemu-img: validating and creating disk images
+# The async process runner (checkpoints' qemu-img snapshot calls use it).
 
 
 async def _run(*cmd: str) -> tuple[int, str, str]:
@@ -201,21 +207,3 @@ async def _run(*cmd: str) -> tuple[int, str, str]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-async def image_format(path: Path) -> str:
-    """The format qemu-img detects for an existing image."""
-    rc, out, err = await _run(QEMU_IMG, "info", "-U", "--output=json", str(path))
-    if rc != 0:
-        raise InvalidRequest(f"{path}: not a readable disk image: {err.strip()}")
-    return str(json.loads(out)["format"])
-
-
-async def create_image(path: Path, fmt: DiskFormat, size: int) -> None:
-    args = [QEMU_IMG, "create", "-q", "-f", str(fmt)]
-    if fmt is DiskFormat.VPC:
-        args += ["-o", "force_size=on"]  # else VHD rounds the size to CHS geometry
-    rc, _, err = await _run(*args, str(path), str(size))
-    if rc != 0:
-        path.unlink(missing_ok=True)
-        raise OperationFailed(f"{path}: qemu-img create failed: {err.strip()}")

@@ -20,6 +20,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from hvagent.config import AgentConfig
+from hvagent.disk import image
+from hvagent.disk.errors import DiskError
 from hvagent.errors import Busy, Conflict, HVError, InvalidRequest, NotFound, OperationFailed
 from hvagent.jobs import Jobs
 from hvagent.policy import Admission
@@ -311,11 +313,11 @@ class VMService:
                 path = self._storage_path(d.path, where)
                 if not path.is_file():
                     raise InvalidRequest(f"{where}.path: {d.path}: no such file")
-                found = await machine.image_format(path)
+                found = await self.disk_format(path, f"{where}.path")
                 if d.format is not None and found != d.format:
                     raise InvalidRequest(
                         f"{where}.format: {d.path} is {found}, not {d.format}")
-                disks.append(DiskSpec(path=str(path), format=DiskFormat(found)))
+                disks.append(DiskSpec(path=str(path), format=found, bus=d.bus))
             else:
                 assert d.size is not None
                 fmt = d.format or DiskFormat.QCOW2
@@ -324,12 +326,32 @@ class VMService:
                     raise Conflict(f"{where}: {path} already exists")
                 self.storage_dir.mkdir(parents=True, exist_ok=True)
                 created.append(path)
-                await machine.create_image(path, fmt, d.size)
-                disks.append(DiskSpec(path=str(path), format=fmt, size=d.size, created=True))
+                await self.create_disk(path, fmt, d.size, where)
+                disks.append(DiskSpec(path=str(path), format=fmt, size=d.size, created=True,
+                                      bus=d.bus))
             if path in seen:
                 raise InvalidRequest(f"{where}.path: {path} is attached twice")
             seen.add(path)
         return spec.model_copy(update={"disks": disks})
+
+    async def disk_format(self, path: Path, where: str) -> DiskFormat:
+        """The format of an existing image (from its own magic, so a fixed VHD is not
+        taken for raw), checked readable by qemu-img; shared, as a running VM may hold it."""
+        try:
+            info = await asyncio.to_thread(image.image_info, path, force_share=True)
+        except DiskError as e:
+            raise InvalidRequest(f"{where}: {path}: not a readable disk image: {e}") from e
+        return DiskFormat(info.format.qemu)
+
+    async def create_disk(self, path: Path, fmt: DiskFormat, size: int, where: str) -> None:
+        """A new empty image of exactly `size` bytes (VHD too), written to a temporary
+        file and renamed into place."""
+        if size % 512:
+            raise InvalidRequest(f"{where}.size: {size} bytes is not a multiple of 512")
+        try:
+            await asyncio.to_thread(image.create, path, image.ImageFormat.from_qemu(fmt), size)
+        except DiskError as e:
+            raise OperationFailed(f"{where}: cannot create {path}: {e}") from e
 
     def _storage_path(self, value: str, where: str) -> Path:
         p = Path(value)

@@ -17,6 +17,8 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # Pre-created pcie-root-ports: the slots later hot-adds (disks, NICs) plug into.
 DEFAULT_HOTPLUG_PORTS = 8
 DEFAULT_MEMORY_SLOTS = 8
+# q35's built-in ICH9 AHCI controller has six ports (QEMU buses ide.0 .. ide.5).
+AHCI_PORTS = 6
 
 
 class VMState(StrEnum):
@@ -66,6 +68,9 @@ class DiskSpec(BaseModel):
     created: bool = Field(default=False, description="the agent created it (and owns it)")
     slot: int | None = Field(default=None, ge=0, description=(
         "hotplug port it sits on (hot-attached, so hot-detachable); None: fixed at boot"))
+    bus: Literal["virtio", "sata"] = Field(default="virtio", description=(
+        "virtio-blk, or an emulated SATA disk on the AHCI controller for guests without "
+        "virtio drivers (fixed at boot: only virtio disks hot-attach)"))
 
     @field_validator("format", mode="before")
     @classmethod
@@ -84,6 +89,8 @@ class DiskSpec(BaseModel):
                 raise ValueError("a created disk needs its path")
         elif (self.path is None) == (self.size is None):
             raise ValueError("give exactly one of path (existing image) or size (new disk)")
+        if self.bus == "sata" and self.slot is not None:
+            raise ValueError("a sata disk cannot be hot-attached (only virtio disks can)")
         return self
 
 
@@ -188,6 +195,8 @@ class VMSpec(BaseModel):
             n.slot for n in self.nics if n.slot is not None]
         if len(set(ports)) != len(ports) or any(p >= self.hotplug_ports for p in ports):
             raise ValueError("disk/NIC slots must be distinct and below hotplug_ports")
+        if sum(d.bus == "sata" for d in self.disks) > AHCI_PORTS:
+            raise ValueError(f"disks: at most {AHCI_PORTS} sata disks (AHCI ports)")
         macs = [n.mac for n in self.nics]
         if len(set(macs)) != len(macs):
             raise ValueError("two NICs have the same MAC address")

@@ -1,7 +1,8 @@
 """The agent's side of hvdisk, through a real `hvagent serve` on a real unix socket:
 files on a stopped VM's disk read and written (Disk.Read / Disk.Write), refused while
 the VM runs or without the privilege, and a P2V import that boots to its login prompt
-under TCG with the firmware the agent detected."""
+under TCG with the firmware the agent detected, and one without virtio drivers that
+boots from an emulated SATA disk on the AHCI controller."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 sys.path.insert(0, str(Path(__file__).parent))
 import disk_images as di  # noqa: E402
@@ -21,30 +22,10 @@ from conftest import REPO, Agent  # noqa: E402
 from test_hvdisk_edit import hvdisk  # noqa: E402
 
 pytestmark = pytest.mark.integration
-# The agent with the disks router mounted, as hvagent/api/v1.py mounts its routers.
-SERVE = ("import sys\n"
-         "from hvagent.api import disks, v1\n"
-         "if not hasattr(v1, 'disks'):\n"
-         "    v1.router.include_router(disks.router)\n"
-         "from hvagent.cli.hvagent import main\n"
-         "sys.exit(main(sys.argv[1:]))\n")
 
 
 class DiskAgent(Agent):
-    def start(self) -> None:
-        log = (self.root / "agent.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--config",
-                                      str(self.config)], stdout=log, stderr=log, cwd=REPO)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "agent.log").read_text()
-            try:
-                if self.client.get("/agent").status_code == 200:
-                    return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("hvagent did not answer in 60 s")
+    """The real `hvagent serve` (its v1 app mounts the disks router), plus tokens."""
 
     def token(self, principal: str, role: str) -> str:
         r = subprocess.run([sys.executable, "-m", "hvagent.cli.hvagent", "token", "--config",
@@ -128,4 +109,53 @@ def test_p2v_import_boots_to_login(dagent: DiskAgent, tmp_path: Path) -> None:
     dagent.ok("POST", "/vms/p2v/start")
     dagent.wait_console("p2v", "p2vguest login:", timeout=600)
     dagent.ok("POST", "/vms/p2v/stop", json={"force": True})
+    shutil.rmtree(tmp_path / "physical", ignore_errors=True)
+
+
+# A BIOS boot sector that prints a line on COM1 and halts: cld; xor ax,ax; mov ds,ax;
+# mov dx,0x3f8; mov si,msg; next: lodsb; test al,al; jz end; out dx,al; jmp next;
+# end: cli; hlt; jmp end; msg at 0x7c17.
+BOOT_LINE = b"SATA-BOOT-OK"
+BOOT_CODE = (bytes.fromhex("fc31c08ed8baf803be177cac84c07403eeebf8faf4ebfc")
+             + BOOT_LINE + b"\r\n\0")
+
+
+def test_import_without_virtio_boots_from_a_sata_disk_on_ahci(dagent: DiskAgent,
+                                                               tmp_path: Path) -> None:
+    """A guest without virtio drivers is imported with an emulated SATA disk: the
+    firmware boots from it, and QEMU has it on q35's AHCI controller."""
+    physical = di.make_physical_disk(tmp_path / "physical", uefi=False, virtio=False)
+    with physical.open("r+b") as fh:  # boot code only: the partition table stays
+        fh.write(BOOT_CODE)
+    dagent.storage.mkdir(parents=True, exist_ok=True)
+    hvdisk("convert", "-q", physical, dagent.storage / "legacy.qcow2", "--to", "qcow2")
+    res = dagent.ok("POST", "/vms/import", json={"name": "legacy", "image": "legacy.qcow2",
+                                                 "memory_mib": 64})
+    assert res["firmware"] == "bios" and res["disk_bus"] == "sata"
+    assert [d["bus"] for d in res["vm"]["spec"]["disks"]] == ["sata"]
+    assert any("no virtio disk driver" in w for w in res["warnings"]), res["warnings"]
+    # Only virtio disks hot-attach: a sata one is refused, the spec unchanged.
+    r = dagent.client.post("/vms/legacy/disks", json={"size": "16M", "bus": "sata"})
+    assert r.status_code == 400 and "cannot be hot-attached" in r.json()["detail"], r.text
+    assert len(dagent.ok("GET", "/vms/legacy")["spec"]["disks"]) == 1
+
+    dagent.ok("POST", "/vms/legacy/start")
+    dagent.wait_console("legacy", BOOT_LINE.decode(), timeout=300)
+    # Ask QEMU itself where the disk sits. QMP serves one client: the agent lets go of
+    # it while it is down (the VM keeps running) and takes it back on restart.
+    dagent.stop()
+    qmp = QEMUMonitorProtocol(str(dagent.run_dir / "legacy.qmp"))
+    qmp.connect()
+    try:
+        bus = str(qmp.cmd("qom-get", path="/machine/peripheral/disk0", property="parent_bus"))
+        controller = bus.rsplit("/", 1)[0]
+        assert qmp.cmd("qom-get", path=controller, property="type") == "ich9-ahci"
+        assert qmp.cmd("qom-get", path="/machine/peripheral/disk0",
+                       property="type") == "ide-hd"
+        block = {b["qdev"]: b for b in qmp.cmd("query-block")}  # type: ignore[attr-defined]
+        assert block["disk0"]["inserted"]["file"] == str(dagent.storage / "legacy.qcow2")
+    finally:
+        qmp.close()
+    dagent.start()
+    dagent.ok("POST", "/vms/legacy/stop", json={"force": True})
     shutil.rmtree(tmp_path / "physical", ignore_errors=True)

@@ -51,6 +51,25 @@ def test_every_route_declares_a_privilege() -> None:
     assert len(ROUTES) >= 10  # the route table really was read
 
 
+# Offline disk access and P2V import, from the disk issue: reading a stopped VM's files
+# and writing them are separate privileges; importing defines a VM (VM.Allocate on /vms).
+DISK_ROUTES = {
+    ("GET", "/api/v1/vms/{name}/disks/{index}/partitions"): ("Disk.Read", "/vms/{name}"),
+    ("GET", "/api/v1/vms/{name}/disks/{index}/ls"): ("Disk.Read", "/vms/{name}"),
+    ("GET", "/api/v1/vms/{name}/disks/{index}/stat"): ("Disk.Read", "/vms/{name}"),
+    ("GET", "/api/v1/vms/{name}/disks/{index}/files"): ("Disk.Read", "/vms/{name}"),
+    ("PUT", "/api/v1/vms/{name}/disks/{index}/files"): ("Disk.Write", "/vms/{name}"),
+    ("DELETE", "/api/v1/vms/{name}/disks/{index}/files"): ("Disk.Write", "/vms/{name}"),
+    ("POST", "/api/v1/vms/{name}/disks/{index}/dirs"): ("Disk.Write", "/vms/{name}"),
+    ("POST", "/api/v1/vms/import"): ("VM.Allocate", "/vms"),
+}
+
+
+def test_disk_routes_are_mounted_with_their_privileges() -> None:
+    got = {k: (str(ROUTES[k].privilege), ROUTES[k].path) for k in DISK_ROUTES if k in ROUTES}
+    assert got == DISK_ROUTES
+
+
 def _url(path: str) -> str:
     return re.sub(r"\{[^}]+\}", MISSING, path.removeprefix("/api/v1"))
 

@@ -77,10 +77,13 @@ def test_reuse_only_when_hash_matches_and_artifacts_intact(tmp_path: Path) -> No
     art.write_bytes(b"image bytes")
     inputs = outputs.Inputs("abc", {})
     assert outputs.reusable(outdir, inputs) == (False, "no previous build")
-    outputs.write_manifest(outdir, {"input_hash": "abc", "artifacts": {"qcow2": {
+    outputs.write_manifest(outdir, {"input_hash": "abc", "inputs": {"elements": {"vm": "1"}},
+                                    "artifacts": {"qcow2": {
         "file": art.name, "sha256": outputs.sha256_file(art), "size": art.stat().st_size}}})
     assert outputs.reusable(outdir, inputs) == (True, "up to date")
-    assert outputs.reusable(outdir, outputs.Inputs("def", {})) == (False, "inputs changed")
+    changed = outputs.Inputs("def", {"elements": {"vm": "2"}, "agent_source": "x"})
+    assert outputs.reusable(outdir, changed) == (
+        False, "inputs changed: agent source, element vm")
     art.write_bytes(b"image BYTES")  # same size, different content (booted without -snapshot)
     assert outputs.reusable(outdir, inputs) == (False, "qcow2 artifact changed since it was built")
     art.unlink()

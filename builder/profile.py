@@ -97,6 +97,7 @@ class Profile:
     users: tuple[User, ...]
     kernel_cmdline: str
     agent: AgentSettings
+    policy: Mapping[str, Any]
     test_access: bool
     # Where each top-level field got its value: (file, line), for later error messages.
     locations: Mapping[str, tuple[Path, int]] = field(compare=False, repr=False)
@@ -339,6 +340,25 @@ def _agent(doc: _Doc, path: LinePath, v: Any) -> dict[str, str]:
     return out
 
 
+def _policy(doc: _Doc, path: LinePath, v: Any) -> dict[str, Any]:
+    """The agent's host policy, checked now with the agent's own schema so a mistake
+    fails the build (naming the profile line), not the agent's start on the host."""
+    from pydantic import ValidationError
+
+    from hvagent.policy import HostPolicy
+
+    if not isinstance(v, dict):
+        raise doc.error(path, f"expected a mapping (hvagent host policy), got {_kind(v)}")
+    try:
+        HostPolicy.model_validate(v)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(x) if isinstance(x, str) else x for x in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise doc.error((*path, *loc), msg.removeprefix("Value error, ")) from None
+    return v
+
+
 @dataclass(frozen=True)
 class Field:
     key: str
@@ -370,6 +390,9 @@ FIELDS: tuple[Field, ...] = (
           "Appended to DIB's default kernel command line."),
     Field("agent", _agent, Merge.KEYWISE, {},
           "hvagent settings: accel, listen, state_dir, storage_dir, run_dir, log_dir."),
+    Field("policy", _policy, Merge.KEYWISE, {},
+          "hvagent host policy (/etc/hvagent/policy.yaml): quotas, disk_formats, vlans, "
+          "nested_virtualization, roles, acl; merged key by key."),
     Field("test_access", _bool, Merge.OVERRIDE, False,
           "Accept an ssh key from QEMU fw_cfg at boot (adds the test-access element)."),
 )
@@ -478,6 +501,7 @@ def load(ref: str | Path) -> Profile:
         users=users,
         kernel_cmdline=merged["kernel_cmdline"],
         agent=AgentSettings(**merged["agent"]),
+        policy=merged["policy"],
         test_access=merged["test_access"],
         locations=locations,
     )

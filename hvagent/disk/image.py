@@ -15,18 +15,20 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
-from hvagent.disk import vhd, vhdx
 from hvagent.disk.errors import DiskError, ImageInUse
 from hvagent.disk.progress import Progress, no_progress
 
+# Imports are kept to what `hvdisk convert` needs: its cost is paid on every run, next
+# to qemu-img's own (tempfile, dataclasses and the VHD/VHDX parsers load on use).
+
 QEMU_IMG = "qemu-img"
+VHD_COOKIE = b"conectix"  # hvagent.disk.vhd.COOKIE, here so that probing skips that parser
 
 
 class ImageFormat(StrEnum):
@@ -46,23 +48,21 @@ class ImageFormat(StrEnum):
         return cls.VHD if driver == "vpc" else cls(driver)
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     path: str
     format: ImageFormat
     subformat: str | None  # "fixed"/"dynamic" for VHD and VHDX
     virtual_size: int
     actual_size: int
     backing_file: str | None = None
-    snapshots: list[str] = field(default_factory=list)
+    snapshots: tuple[str, ...] = ()
     dirty: bool = False
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return self._asdict()
 
 
-@dataclass(frozen=True)
-class CheckResult:
+class CheckResult(NamedTuple):
     path: str
     format: ImageFormat
     ok: bool
@@ -71,7 +71,7 @@ class CheckResult:
     note: str = ""
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return self._asdict()
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -123,27 +123,31 @@ def holders(path: Path) -> list[tuple[int, str]]:
     except OSError:
         return []
     found: list[tuple[int, str]] = []
-    me = os.getpid()
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
+    me = str(os.getpid())
+    want = str(target)
+    # Plain strings and os calls: this runs before every conversion, over every fd.
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
             continue
+        fd_dir = f"/proc/{pid}/fd"
         try:
-            fds = os.listdir(pid_dir / "fd")
+            fds = os.listdir(fd_dir)
         except OSError:
             continue
         for fd in fds:
             try:
-                if os.readlink(pid_dir / "fd" / fd) != str(target):
+                if os.readlink(f"{fd_dir}/{fd}") != want:
                     continue
-                fst = os.stat(pid_dir / "fd" / fd)
+                fst = os.stat(f"{fd_dir}/{fd}")
             except OSError:
                 continue
             if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino):
                 try:
-                    comm = (pid_dir / "comm").read_text().strip()
+                    with open(f"/proc/{pid}/comm") as fh:
+                        comm = fh.read().strip()
                 except OSError:
                     comm = "?"
-                found.append((int(pid_dir.name), comm))
+                found.append((int(pid), comm))
                 break
     return found
 
@@ -169,10 +173,13 @@ def detect_format(path: Path) -> ImageFormat:
         return ImageFormat.QCOW2
     if head == b"vhdxfile":
         return ImageFormat.VHDX
-    if head == vhd.COOKIE:
+    if head == VHD_COOKIE:
         return ImageFormat.VHD
-    if path.is_file() and vhd.is_vhd(path) == "fixed":
-        return ImageFormat.VHD
+    if path.is_file():
+        from hvagent.disk import vhd
+
+        if vhd.is_vhd(path) == "fixed":
+            return ImageFormat.VHD
     return ImageFormat.RAW
 
 
@@ -185,9 +192,13 @@ def image_info(path: Path, fmt: ImageFormat | None = None, *, force_share: bool 
     data = json.loads(run_tool(cmd, f"read {path}", path=path).stdout)
     sub = None
     if fmt is ImageFormat.VHD:
+        from hvagent.disk import vhd
+
         sub = vhd.is_vhd(path)
-    elif fmt is ImageFormat.VHDX:
-        sub = vhdx.subformat(path) if path.is_file() else None
+    elif fmt is ImageFormat.VHDX and path.is_file():
+        from hvagent.disk import vhdx
+
+        sub = vhdx.subformat(path)
     return ImageInfo(
         path=str(path),
         format=fmt,
@@ -195,7 +206,7 @@ def image_info(path: Path, fmt: ImageFormat | None = None, *, force_share: bool 
         virtual_size=int(data["virtual-size"]),
         actual_size=int(data.get("actual-size", 0)),
         backing_file=data.get("full-backing-filename") or data.get("backing-filename"),
-        snapshots=[s.get("name", "") for s in data.get("snapshots", [])],
+        snapshots=tuple(s.get("name", "") for s in data.get("snapshots", [])),
         dirty=bool(data.get("dirty-flag", False)),
     )
 
@@ -217,9 +228,16 @@ def staged_output(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise DiskError(f"{target}: already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # (what tempfile.mkstemp does, without importing tempfile)
+    for attempt in range(100):
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{attempt}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise DiskError(f"{target}: cannot create a temporary file beside it")
     try:
         yield tmp
         os.replace(tmp, target)
@@ -305,6 +323,8 @@ def resize(path: Path, size: int, *, shrink: bool = False,
             cmd.append("--shrink")
         run_tool([*cmd, str(path), str(size)], f"resize {path}", path=path)
         return image_info(path, info.format)
+    import tempfile
+
     fixed = info.subformat == "fixed"
     with tempfile.TemporaryDirectory(prefix=".resize.", dir=path.parent) as work:
         mid = Path(work) / "mid.qcow2"
@@ -323,6 +343,8 @@ def check(path: Path) -> CheckResult:
     if fmt is ImageFormat.RAW:
         return CheckResult(str(path), fmt, True, [], note="raw images carry no metadata")
     if fmt is ImageFormat.VHD:
+        from hvagent.disk import vhd
+
         rep = vhd.check(path)
         return CheckResult(str(path), fmt, rep.ok, rep.errors,
                            note=f"{rep.disk_type}, {rep.allocated_blocks}/{rep.total_blocks} "

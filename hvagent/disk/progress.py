@@ -3,12 +3,9 @@ otherwise. Library code takes a `Progress` callback and never draws anything its
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-log = logging.getLogger("hvdisk")
 
 # Called with the fraction done, 0.0 .. 1.0.
 Progress = Callable[[float], None]

@@ -142,7 +142,7 @@ def test_missing_file(profiles: Path) -> None:
 ERRORS = [
     ("name: x\nelements: [vm]\ncolour: blue\n",
      "3: colour: unknown key (allowed: name, description, extends, release, elements, packages, "
-     "image_size, outputs, users, kernel_cmdline, agent, test_access)"),
+     "image_size, outputs, users, kernel_cmdline, agent, policy, test_access)"),
     ("elements: [vm]\n", "1: name: required (must equal the file name)"),
     ("name: other\n", "1: name: 'other' must equal the file name 'x'"),
     ("name: X Y\n", "1: name: 'X Y' is not a profile name ([a-z0-9_-])"),
@@ -207,3 +207,50 @@ def test_error_in_parent_names_the_parent_file(profiles: Path) -> None:
     write(profiles, "p", "name: p\nelements: [vm]\noutputs: [floppy]\n")
     write(profiles, "c", "name: c\nextends: p\n")
     assert error_of(profiles / "c.yaml").startswith("profiles/p.yaml:3: outputs[0]: unknown output")
+
+
+def test_policy_merges_key_by_key_and_renders_a_policy_the_agent_loads(
+        profiles: Path, tmp_path: Path) -> None:
+    from builder import render
+    from hvagent.policy import load_policy
+
+    write(profiles, "host", """\
+        name: host
+        elements: [debian-minimal, vm, hvagent]
+        policy:
+          quotas: {max_vcpus_per_vm: 8}
+          nested_virtualization: false
+        """)
+    write(profiles, "tenant", """\
+        name: tenant
+        extends: host
+        policy:
+          quotas: {max_vcpus_per_vm: 4, max_vms_per_principal: 2}
+          disk_formats: [qcow2, vhdx]
+        """)
+    profile = load(profiles / "tenant.yaml")
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    overlay = render.render_overlay(profile, build_dir, None) / render.OVERLAY
+    policy = load_policy(overlay / "static/etc/hvagent/policy.yaml")
+    assert policy.quotas.max_vcpus_per_vm == 4
+    assert policy.quotas.max_vms_per_principal == 2
+    assert policy.disk_formats == ["qcow2", "vhdx"]
+    assert policy.nested_virtualization is False
+
+
+def test_bad_policy_names_the_line_and_the_policy_field(profiles: Path) -> None:
+    write(profiles, "p", """\
+        name: p
+        policy:
+          quotas:
+            max_vcpus_per_vm: 0
+        """)
+    assert error_of(profiles / "p.yaml").startswith(
+        "profiles/p.yaml:4: policy.quotas.max_vcpus_per_vm: ")
+    write(profiles, "q", """\
+        name: q
+        policy:
+          quota: {}
+        """)
+    assert error_of(profiles / "q.yaml") == "profiles/q.yaml:3: policy.quota: unknown key"

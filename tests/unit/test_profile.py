@@ -254,3 +254,15 @@ def test_bad_policy_names_the_line_and_the_policy_field(profiles: Path) -> None:
           quota: {}
         """)
     assert error_of(profiles / "q.yaml") == "profiles/q.yaml:3: policy.quota: unknown key"
+
+
+def test_no_policy_renders_the_agents_defaults(profiles: Path, tmp_path: Path) -> None:
+    from builder import render
+    from hvagent.policy import HostPolicy, load_policy
+
+    write(profiles, "plain", "name: plain\nelements: [debian-minimal, vm, hvagent]\n")
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    overlay = render.render_overlay(load(profiles / "plain.yaml"), build_dir, None)
+    rendered = overlay / render.OVERLAY / "static/etc/hvagent/policy.yaml"
+    assert load_policy(rendered) == HostPolicy()

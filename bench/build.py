@@ -176,6 +176,9 @@ def main() -> int:
             timed([corehost, "build", args.profile], log=work / "warm.log")
         cold = timed([corehost, "build", args.profile, "--force"], log=work / "cold.log")
         nochange = timed([corehost, "build", args.profile], log=work / "nochange.log")
+        if "up to date" not in (work / "nochange.log").read_text():
+            say("WARNING: an input (elements, profile, agent source) changed during the run: "
+                "the no-change figure is a full rebuild")
         bare_build, bare_image = build_bare(profile, work)
         size, bare_size = image.stat().st_size, bare_image.stat().st_size
         ours_ssh, ours_agent = boot(image, agent=True)

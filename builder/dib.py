@@ -14,6 +14,8 @@ with the step that failed and the last error lines.
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -22,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,7 +253,7 @@ def run_dib(cmd: DibCommand, log_path: Path, report: Reporter | None = None,
     hostcompat.ensure_kpartx()
     env = {**os.environ, **cmd.env}
     state = DibState()
-    with open(log_path, "w") as logf:
+    with cache_lock(Path(cmd.env["DIB_IMAGE_CACHE"])), open(log_path, "w") as logf:
         logf.write("# " + cmd.shell().replace("\n", "\n# ") + "\n")
         logf.flush()
         proc = subprocess.Popen(
@@ -273,6 +275,20 @@ def run_dib(cmd: DibCommand, log_path: Path, report: Reporter | None = None,
     if rc != 0:
         raise DibFailed(state.step, rc, state.error_lines(), log_path)
     return state
+
+
+@contextlib.contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """One build at a time per DIB cache: two DIB runs sharing it collide on apt's archive
+    lock inside their chroots and fail. A second build waits and says why."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".corehost.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another build is using %s; waiting for it to finish", cache)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

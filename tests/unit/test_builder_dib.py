@@ -148,3 +148,31 @@ def test_log_parsing_names_the_failing_step() -> None:
     ]
     # the harmless /dev/pts complaint is not reported as the error
     assert state.error_lines() == ["E: Unable to locate package corehost-no-such-package"]
+
+
+def test_builds_sharing_a_dib_cache_take_turns(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Two DIB runs on one cache collide on apt's archive lock inside their chroots.
+    import threading
+    import time
+
+    from builder.dib import cache_lock
+
+    order: list[str] = []
+    entered = threading.Event()
+
+    def first() -> None:
+        with cache_lock(tmp_path / "cache"):
+            order.append("first in")
+            entered.set()
+            time.sleep(0.5)
+            order.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    entered.wait()
+    with cache_lock(tmp_path / "cache"):
+        order.append("second in")
+    t.join()
+    assert order == ["first in", "first out", "second in"]
+    assert "another build is using" in caplog.text

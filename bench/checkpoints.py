@@ -259,22 +259,13 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-checkpoints-"))
     work.chmod(0o755)
-    started: list[int] = []
     try:
-        guest = tinyguest.build(work / "guest")
-        (work / "guest").chmod(0o755)
-        (work / "guest" / "tiny-initrd.gz").chmod(0o644)
+        guest = lifecycle.build_guest(work)
         say(f"hvagent: {args.rounds} rounds")
         hv = bench_hvagent(guest, work, args.rounds)
-        lifecycle.ensure_libvirt()
-        with lifecycle.stock_kvm_group():
-            try:
-                started = lifecycle.start_libvirt()
-                say(f"libvirt: {args.rounds} rounds")
-                lv = bench_libvirt(guest, work, args.rounds)
-            finally:
-                for pid in started:
-                    os.kill(pid, signal.SIGTERM)
+        with lifecycle.libvirt_session():
+            say(f"libvirt: {args.rounds} rounds")
+            lv = bench_libvirt(guest, work, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -320,6 +320,28 @@ def start_libvirt() -> list[int]:
     return started
 
 
+@contextlib.contextmanager
+def libvirt_session() -> Iterator[None]:
+    """libvirt installed and running as a Debian host would have it, for the duration;
+    the daemons this script started are stopped afterwards."""
+    ensure_libvirt()
+    with stock_kvm_group():
+        started = start_libvirt()
+        try:
+            yield
+        finally:
+            for pid in started:
+                os.kill(pid, signal.SIGTERM)
+
+
+def build_guest(work: Path) -> tinyguest.TinyGuest:
+    """The tiny guest, readable by QEMU running as libvirt-qemu too."""
+    guest = tinyguest.build(work / "guest")
+    (work / "guest").chmod(0o755)
+    (work / "guest" / "tiny-initrd.gz").chmod(0o644)
+    return guest
+
+
 def bench_libvirt(guest: tinyguest.TinyGuest, work: Path,
                   rounds: int) -> tuple[Runs, dict[str, int]]:
     logdir = work / "libvirt"
@@ -356,22 +378,13 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
     work.chmod(0o755)
-    started: list[int] = []
     try:
-        guest = tinyguest.build(work / "guest")
-        (work / "guest").chmod(0o755)
-        (work / "guest" / "tiny-initrd.gz").chmod(0o644)
+        guest = build_guest(work)
         say(f"hvagent: {args.rounds} rounds")
         hv, hv_mem = bench_hvagent(guest, work, args.rounds)
-        ensure_libvirt()
-        with stock_kvm_group():
-            try:
-                started = start_libvirt()
-                say(f"libvirt: {args.rounds} rounds")
-                lv, lv_mem = bench_libvirt(guest, work, args.rounds)
-            finally:
-                for pid in started:
-                    os.kill(pid, signal.SIGTERM)
+        with libvirt_session():
+            say(f"libvirt: {args.rounds} rounds")
+            lv, lv_mem = bench_libvirt(guest, work, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

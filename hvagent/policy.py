@@ -19,7 +19,7 @@ knows HTTP. The principal of the running request is in the context variable
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,8 +241,11 @@ class Admission:
     """The host policy's checks on a VM spec. `usage(principal)` returns what is in use
     on the host (principal None) or by one principal, excluding the VM being changed."""
 
-    def __init__(self, policy: HostPolicy | None = None, access: AccessControl | None = None,
+    def __init__(self, policy: HostPolicy | None = None,
+                 access: AccessControl | Callable[[], AccessControl] | None = None,
                  usage: Any = None, record_owner: Any = None) -> None:
+        # `access` may be a callable returning the current ACLs, so that grants stored
+        # after the agent started (`hvagent token create --role`) count at once.
         self.policy = policy or HostPolicy()
         self.access = access or AccessControl(self.policy)
         self._usage = usage
@@ -262,7 +265,7 @@ class Admission:
                 raise PolicyDenied(
                     f"policy disk_formats={','.join(self.policy.disk_formats)}: "
                     f"disks[{i}] is {fmt}")
-        self._check_vlans(spec)
+        self._check_vlans(spec, previous)
         if self._usage is None:
             return
         name = spec.name
@@ -280,9 +283,13 @@ class Admission:
         if previous is None:
             _limit("quota.max_vms_per_principal", q.max_vms_per_principal, mine.vms + 1)
 
-    def _check_vlans(self, spec: Any) -> None:
-        # NICs get a `vlan` with the networking feature; until then nothing to check.
-        vlans = [v for n in spec.nics if (v := getattr(n, "vlan", None)) is not None]
+    def _check_vlans(self, spec: Any, previous: Any = None) -> None:
+        # Only NIC attachments the change adds (a new NIC, or a NIC moved to another
+        # VLAN): a VM already on a VLAN stays reconfigurable (memory, vCPUs, ...) by
+        # whoever may reconfigure it.
+        before = {(n.mac, n.vlan) for n in previous.nics} if previous is not None else set()
+        vlans = [v for n in spec.nics
+                 if (v := getattr(n, "vlan", None)) is not None and (n.mac, v) not in before]
         if not vlans:
             return
         self.check_vlans(vlans, f"/vms/{spec.name}")
@@ -291,7 +298,10 @@ class Admission:
         who = current_principal.get()
         if who is None or who.is_root:
             return
-        roles = [r.name for r in self.access.roles_on(who.name, path)]
+        access = self.access() if callable(self.access) else self.access
+        roles = [r.name for r in access.roles_on(who.name, path)]
+        if "Administrator" in roles:
+            return  # like root: any VLAN
         allowed = {v for r in roles for v in self.policy.vlans.get(r, [])}
         for v in vlans:
             if v not in allowed:

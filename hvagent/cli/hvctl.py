@@ -95,7 +95,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": args.name, "vcpus": args.vcpus, "memory_mib": args.memory,
         "firmware": args.firmware, "disks": disks,
-        "nics": [{"network": n} for n in args.nic],
+        "nics": args.nic,
     }
     optional = {"max_vcpus": args.max_vcpus, "max_memory_mib": args.max_memory,
                 "append": args.append,
@@ -140,7 +140,8 @@ def _vm_show(vm: dict[str, Any]) -> None:
         ("firmware", s["firmware"]),
         *[(f"disk{i}", f"{d['path']} ({d['format']}, {d.get('bus', 'virtio')})")
           for i, d in enumerate(s["disks"])],
-        *[(f"nic{i}", f"{n['model']} {n['mac']} ({n['network']})")
+        *[(f"nic{i}", f"{n['model']} {n['mac']} ({n['network']}"
+                      + (f", VLAN {n['vlan']})" if n.get("vlan") else ")"))
           for i, n in enumerate(s["nics"])],
         ("kernel", s["kernel"] or "-"), ("serial log", vm["serial_log"]),
     ]
@@ -247,7 +248,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--kernel")
     c.add_argument("--initrd")
     c.add_argument("--append")
-    c.add_argument("--nic", action="append", default=[], choices=["user"])
+    c.add_argument("--nic", action="append", default=[], type=hvctl_devices.parse_nic,
+                   metavar="user|vlan=N[,mac=M]", help=hvctl_devices.NIC_HELP)
     c.add_argument("--firmware", choices=["bios", "uefi"], default="bios")
 
     vm.add_parser("list", help="list VMs")

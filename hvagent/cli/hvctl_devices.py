@@ -25,6 +25,26 @@ VM_COMMANDS = ("set-memory", "add-cpu", "remove-cpu", "attach-disk", "detach-dis
 JOB_TIMEOUT = 3600.0
 
 
+NIC_HELP = "user (user-mode NAT) or vlan=N[,mac=M] (a tap on VLAN N's host bridge)"
+
+
+def parse_nic(value: str) -> dict[str, Any]:
+    """`--nic user` | `--nic vlan=N[,mac=M]` -> the NIC's JSON body."""
+    head, *rest = value.split(",")
+    nic: dict[str, Any] = {}
+    for part in ([] if head == "user" else [head]) + rest:
+        key, sep, val = part.partition("=")
+        if not sep or key not in ("vlan", "mac") or not val:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected {NIC_HELP}")
+        if key == "vlan":
+            if not val.isdigit() or not 1 <= int(val) <= 4094:
+                raise argparse.ArgumentTypeError(f"{value!r}: vlan must be 1..4094")
+            nic["vlan"] = int(val)
+        else:
+            nic["mac"] = val
+    return nic if "vlan" in nic else {"network": "user", **nic}
+
+
 def add_vm_parsers(vm: Any) -> None:
     s = vm.add_parser("set-memory", help="grow (hot-add a DIMM) or shrink a VM's memory")
     s.add_argument("name")
@@ -51,6 +71,7 @@ def add_vm_parsers(vm: Any) -> None:
     n.add_argument("name")
     n.add_argument("--network", choices=["user"], default="user")
     n.add_argument("--mac")
+    n.add_argument("--nic", type=parse_nic, metavar="user|vlan=N[,mac=M]", help=NIC_HELP)
     rn = vm.add_parser("remove-nic", help="hot-remove a NIC")
     rn.add_argument("name")
     rn.add_argument("mac")
@@ -102,7 +123,8 @@ def run_vm(args: argparse.Namespace, call: Call, out: Callable[..., None]) -> No
                    params={"path": str(Path(args.path).absolute()), "timeout": args.timeout},
                    timeout=args.timeout + 60)
     elif cmd == "add-nic":
-        nic = {"network": args.network, **({"mac": args.mac} if args.mac else {})}
+        nic = args.nic or {"network": args.network}
+        nic = {**nic, **({"mac": args.mac} if args.mac else {})}
         res = call(args, "POST", f"/vms/{name}/nics", body=nic)
     else:
         res = call(args, "DELETE", f"/vms/{name}/nics/{args.mac}",

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from hvagent.errors import Conflict, InvalidRequest, NotFound
+from hvagent.net import bridge
 from hvagent.vm import machine
 from hvagent.vm.qmp import Monitor
 from hvagent.vm.spec import DimmSpec, DiskFormat, DiskSpec, NicSpec, PendingUnplug, VMSpec
@@ -140,7 +141,12 @@ async def _add_nic(mon: Monitor, spec: VMSpec, i: int) -> None:
     n = spec.nics[i]
     assert n.slot is not None
     dev, netdev = nic_ids(spec, i)
-    await mon.execute("netdev_add", {"type": n.network, "id": netdev})
+    if n.network == "bridge":  # the tap is already on its VLAN's bridge
+        await mon.execute("netdev_add", {"type": "tap", "id": netdev,
+                                         "ifname": bridge.tap_name(n.mac),
+                                         "script": "no", "downscript": "no"})
+    else:
+        await mon.execute("netdev_add", {"type": n.network, "id": netdev})
     try:
         await mon.execute("device_add", {"driver": n.model, "id": dev, "netdev": netdev,
                                          "mac": n.mac, "bus": _port(n.slot), "romfile": ""})
@@ -419,7 +425,15 @@ class DeviceService:
             new = _with(spec, nics=[*spec.nics, nic.model_copy(update={"slot": slot})])
             self.vms.admission.admit(new, previous=spec)
             if mon is not None:
-                await _add_nic(mon, new, len(new.nics) - 1)
+                added = new.nics[-1]
+                if added.vlan is not None:
+                    await bridge.plug(bridge.tap_name(added.mac), added.vlan)
+                try:
+                    await _add_nic(mon, new, len(new.nics) - 1)
+                except BaseException:
+                    if added.vlan is not None:
+                        await bridge.unplug(bridge.tap_name(added.mac))
+                    raise
             return await self._commit(name, spec, new, "done", f"added NIC {nic.mac}")
 
     async def remove_nic(self, name: str, mac: str,
@@ -500,6 +514,9 @@ class DeviceService:
                 await _quietly(mon, "blockdev-del", {"node-name": p.device})
             elif p.kind == "nic":
                 await _quietly(mon, "netdev_del", {"id": p.device.replace("hpnic", "hpnet")})
+                for i, n in enumerate(spec.nics):
+                    if nic_ids(spec, i)[0] == p.device and n.vlan is not None:
+                        await bridge.unplug(bridge.tap_name(n.mac))
             elif p.kind == "memory":
                 await _quietly(mon, "object-del", {"id": "mem-" + p.device})
         self.vms.store.update_vm(name, spec=_without(spec, p).model_dump_json())

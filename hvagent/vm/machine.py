@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hvagent.disk.image import QEMU_IMG  # noqa: F401 - machine.QEMU_IMG for checkpoints
 from hvagent.errors import OperationFailed
+from hvagent.net.bridge import tap_name
 from hvagent.vm.spec import BootDevice, DiskFormat, Firmware, VMSpec
 
 QEMU = "qemu-system-x86_64"
@@ -117,7 +118,12 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str]) -> list[s
             dev += f",bootindex={index[(BootDevice.NETWORK, i)]}"
         else:
             dev += ",romfile="  # no PXE option ROM when the NIC never boots
-        cmd += ["-netdev", f"{n.network},id=net{i}", "-device", dev]
+        if n.network == "bridge":
+            # The agent made the tap and put it on the VLAN's bridge (hvagent.net.bridge).
+            netdev = f"tap,id=net{i},ifname={tap_name(n.mac)},script=no,downscript=no"
+        else:
+            netdev = f"{n.network},id=net{i}"
+        cmd += ["-netdev", netdev, "-device", dev]
     if spec.kernel:
         cmd += ["-kernel", spec.kernel]
     if spec.initrd:

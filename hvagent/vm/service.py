@@ -24,6 +24,7 @@ from hvagent.disk import image
 from hvagent.disk.errors import DiskError
 from hvagent.errors import Busy, Conflict, HVError, InvalidRequest, NotFound, OperationFailed
 from hvagent.jobs import Jobs
+from hvagent.net import bridge
 from hvagent.policy import Admission
 from hvagent.store import Store, VMRow
 from hvagent.vm import devices, machine
@@ -201,14 +202,40 @@ class VMService:
                                     self.admission.qemu_args(self.accel.qemu_args))
         cmd += ["-S", *extra]
         log.info("%s: starting: %s", name, " ".join(cmd))
-        pid = await machine.launch(cmd, files)
+        try:
+            await self.plug_nics(spec)  # QEMU opens the taps by name
+            pid = await machine.launch(cmd, files)
+        except BaseException:
+            await self.unplug_nics(name, spec)
+            raise
         try:
             await self._attach(name, files)
             await devices.replay(self._mon(name), spec)
         except BaseException:
             machine.kill(pid)
+            await self.unplug_nics(name, spec)
             raise
         return pid
+
+    async def plug_nics(self, spec: VMSpec) -> None:
+        """The taps of the VM's VLAN NICs, each on its VLAN's bridge."""
+        for n in spec.nics:
+            if n.vlan is not None:
+                await bridge.plug(bridge.tap_name(n.mac), n.vlan)
+
+    async def unplug_nics(self, name: str, spec: VMSpec | None = None) -> None:
+        """Remove the VM's taps (and bridges left without ports) once QEMU has ended."""
+        if spec is None:
+            row = self.store.get_vm(name)
+            if row is None:
+                return
+            spec = VMSpec.model_validate_json(row.spec)
+        for n in spec.nics:
+            if n.vlan is not None:
+                try:
+                    await bridge.unplug(bridge.tap_name(n.mac))
+                except HVError as e:  # cleanup: report, never mask the state change
+                    log.warning("%s: %s", name, e.message)
 
     async def end_qemu(self, name: str) -> None:
         """End the VM's QEMU at once (no guest shutdown); the caller holds the lock and
@@ -257,6 +284,7 @@ class VMService:
             removed: builtins.list[str] = []
             for hook in self.delete_hooks:  # while the VM's other rows still exist
                 removed += await hook(name, keep_disks)
+            await self.unplug_nics(name, spec)  # taps a crashed QEMU may have left
             self.store.delete_vm(name)
             machine.remove_files(self.files(name))
             if not keep_disks:
@@ -415,6 +443,7 @@ class VMService:
         if not machine.is_alive(row.pid, files):
             await self._drop_monitor(name)
             log.warning("%s: QEMU (pid %s) is gone", name, row.pid)
+            await self.unplug_nics(name)
             self.store.update_vm(name, state=VMState.CRASHED, pid=None, last_error=(
                 "QEMU exited unexpectedly; serial log tail:\n"
                 + machine.tail(files.serial_log, CRASH_LOG_LINES)))
@@ -483,3 +512,4 @@ class VMService:
                 await asyncio.sleep(0.05)
         files.qmp.unlink(missing_ok=True)
         files.pidfile.unlink(missing_ok=True)
+        await self.unplug_nics(name)

@@ -97,11 +97,30 @@ class DiskSpec(BaseModel):
 class NicSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    network: Literal["user"] = "user"  # user-mode networking until networks exist
+    network: Literal["user", "bridge"] = Field(default="user", description=(
+        "user: QEMU user-mode networking (NAT, no VLAN); bridge: a tap on the host "
+        "bridge of VLAN `vlan` (hvbr<vlan>). Giving `vlan` alone means bridge"))
+    vlan: int | None = Field(default=None, ge=1, le=4094, description=(
+        "VLAN id (1..4094) of a bridge NIC; NICs on the same VLAN share one L2 segment"))
     model: Literal["virtio-net-pci"] = "virtio-net-pci"
     mac: str = Field(default_factory=lambda: random_mac())
     slot: int | None = Field(default=None, ge=0, description=(
         "hotplug port it sits on (hot-added, so hot-removable); None: fixed at boot"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vlan_means_bridge(cls, v: object) -> object:
+        if isinstance(v, dict) and v.get("vlan") is not None and "network" not in v:
+            return {**v, "network": "bridge"}
+        return v
+
+    @model_validator(mode="after")
+    def _vlan_iff_bridge(self) -> NicSpec:
+        if self.network == "bridge" and self.vlan is None:
+            raise ValueError("a bridge NIC needs a vlan (1..4094)")
+        if self.network == "user" and self.vlan is not None:
+            raise ValueError("a user-mode NIC has no VLAN (use network: bridge)")
+        return self
 
     @field_validator("mac")
     @classmethod

@@ -9,6 +9,8 @@ Serial protocol (one line each, stable for tests to parse):
   `TINY-POWEROFF`                      when the ACPI power button was pressed, or after
                                        N state lines with `tiny_poweroff_after=N` on the
                                        kernel command line
+  `TINY-PING peer=IP ok|fail`          per peer and round with `tiny_ip=ADDR/PREFIX
+                                       tiny_ping=IP,...` (eth0's address; peers to ping)
 With `tiny_disk_log` on the kernel command line, each state line is also written to the
 first disk (/dev/vda, no file system) as 512-byte block number `counter`, synced: what the
 disk holds shows how far the guest got (a disk revert drops the later blocks).
@@ -38,6 +40,7 @@ BUSYBOX = Path("/bin/busybox")
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
 BOOT_MARKER = "TINY-BOOT ok"
 POWEROFF_MARKER = "TINY-POWEROFF"
+PING_RE = re.compile(r"TINY-PING peer=(?P<peer>[0-9.]+) (?P<result>ok|fail)")
 STATE_RE = re.compile(
     r"TINY cpus=(?P<cpus>\d+) memkb=(?P<memkb>\d+) disks=(?P<disks>\S*) "
     r"nics=(?P<nics>\S*) counter=(?P<counter>\d+)"
@@ -77,6 +80,27 @@ else
 fi
 echo "TINY-BOOT ok"
 
+# tiny_ip=ADDR/PREFIX puts an address on eth0; tiny_ping=IP[,IP...] then pings each peer
+# once per round, for ever, and reports `TINY-PING peer=IP ok|fail`.
+tiny_ip=$(sed -n 's/.*tiny_ip=\([0-9./]*\).*/\1/p' /proc/cmdline)
+tiny_ping=$(sed -n 's/.*tiny_ping=\([0-9.,]*\).*/\1/p' /proc/cmdline)
+if [ -n "$tiny_ip" ]; then
+  for i in $(seq 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+  ip addr add "$tiny_ip" dev eth0
+  ip link set eth0 up
+fi
+if [ -n "$tiny_ping" ]; then
+  (
+    while true; do
+      for peer in $(echo "$tiny_ping" | tr ',' ' '); do
+        if ping -c 1 -W 1 "$peer" >/dev/null 2>&1; then r=ok; else r=fail; fi
+        echo "TINY-PING peer=$peer $r"
+      done
+      sleep 0.5
+    done
+  ) &
+fi
+
 disklog=""
 case " $(cat /proc/cmdline) " in *" tiny_disk_log "*) disklog=1 ;; esac
 # tiny_poweroff_after=N on the kernel command line: power off after N state lines.
@@ -114,8 +138,13 @@ class TinyGuest:
     initrd: Path
 
     @staticmethod
-    def append(memory_hotplug: bool = False) -> str:
+    def append(memory_hotplug: bool = False, ip: str | None = None,
+               ping: tuple[str, ...] = ()) -> str:
         args = "console=ttyS0 quiet loglevel=1"
+        if ip:
+            args += f" tiny_ip={ip}"
+        if ping:
+            args += f" tiny_ping={','.join(ping)}"
         return args + (" memhp_default_state=online_movable" if memory_hotplug else "")
 
 
@@ -219,6 +248,11 @@ def build(dest: Path, cache: Path = KERNEL_CACHE) -> TinyGuest:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return TinyGuest(kernel=kernel, initrd=initrd)
+
+
+def parse_pings(serial_log: str) -> list[tuple[str, bool]]:
+    """All `TINY-PING` results of a serial log, oldest first: (peer, reached)."""
+    return [(m["peer"], m["result"] == "ok") for m in PING_RE.finditer(serial_log)]
 
 
 def parse_states(serial_log: str) -> list[dict[str, str]]:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
+from hvagent.disk.image import QEMU_IMG
 from hvagent.errors import Conflict, HVError, NotFound, OperationFailed
 from hvagent.jobs import Job
 from hvagent.vm import machine
@@ -103,7 +104,7 @@ async def _migration_done(mon: Monitor) -> None:
 
 
 async def _qemu_img(*args: str) -> str:
-    rc, out, err = await machine._run(machine.QEMU_IMG, *args)
+    rc, out, err = await machine._run(QEMU_IMG, *args)
     if rc != 0:
         raise OperationFailed(f"qemu-img {args[0]} {args[-1]}: {err.strip()}")
     return out

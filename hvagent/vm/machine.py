@@ -20,7 +20,6 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvagent.disk.image import QEMU_IMG  # noqa: F401 - machine.QEMU_IMG for checkpoints
 from hvagent.errors import OperationFailed
 from hvagent.net.bridge import tap_name
 from hvagent.vm.spec import BootDevice, DiskFormat, Firmware, VMSpec

@@ -287,9 +287,12 @@ class Admission:
         # Only NIC attachments the change adds (a new NIC, or a NIC moved to another
         # VLAN): a VM already on a VLAN stays reconfigurable (memory, vCPUs, ...) by
         # whoever may reconfigure it.
-        before = {(n.mac, n.vlan) for n in previous.nics} if previous is not None else set()
+        def key(n: Any) -> tuple[Any, Any]:
+            return getattr(n, "mac", None), getattr(n, "vlan", None)
+
+        before = {key(n) for n in previous.nics} if previous is not None else set()
         vlans = [v for n in spec.nics
-                 if (v := getattr(n, "vlan", None)) is not None and (n.mac, v) not in before]
+                 if (v := getattr(n, "vlan", None)) is not None and key(n) not in before]
         if not vlans:
             return
         self.check_vlans(vlans, f"/vms/{spec.name}")

@@ -436,6 +436,33 @@ class DeviceService:
                     raise
             return await self._commit(name, spec, new, "done", f"added NIC {nic.mac}")
 
+    async def set_nic_vlan(self, name: str, mac: str, vlan: int) -> Change:
+        """Move a bridge NIC to VLAN `vlan`; on a running VM its tap moves to that VLAN's
+        bridge live (the guest keeps its NIC and sees the new segment at once)."""
+        if not 1 <= vlan <= 4094:
+            raise InvalidRequest(f"vlan: {vlan} is not in 1..4094")
+        mon = await self._monitor_if_active(name)
+        with self.vms.locks.hold(name, "set-nic-vlan"):
+            spec = self._spec(name)
+            matches = [i for i, n in enumerate(spec.nics) if n.mac == mac.lower()]
+            if not matches:
+                raise NotFound(f"{name}: no NIC with MAC {mac}")
+            i = matches[0]
+            nic = spec.nics[i]
+            if nic.network != "bridge":
+                raise Conflict(f"{name}: NIC {mac} uses {nic.network} networking, which has "
+                               "no VLAN (remove it and add a bridge NIC)")
+            if nic.vlan == vlan:
+                return await self._result(name, "done", f"NIC {mac} already on VLAN {vlan}")
+            nics = [n.model_copy(update={"vlan": vlan}) if j == i else n
+                    for j, n in enumerate(spec.nics)]
+            new = _with(spec, nics=nics)
+            self.vms.admission.admit(new, previous=spec)
+            if mon is not None:
+                await bridge.plug(bridge.tap_name(nic.mac), vlan)
+            return await self._commit(name, spec, new, "done",
+                                      f"NIC {mac} moved from VLAN {nic.vlan} to VLAN {vlan}")
+
     async def remove_nic(self, name: str, mac: str,
                          timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> Change:
         mon = await self._monitor_if_active(name)

@@ -203,6 +203,19 @@ def test_guests_on_one_vlan_reach_each_other_and_not_another_vlan(
         assert c_to_d and all(c_to_d), pings["v-c"]
         print(f"\nA->B ok {len(a_to_b)}/{len(a_to_b)} after first contact; "
               f"A->C ok 0/{len(a_to_c)}; C->A ok 0/{len(c_to_a)}")
+
+        # Moving C's tap to VLAN 10's bridge while C runs puts C on VLAN 10 at once.
+        mac = next(n["mac"] for n in c.get("/vms/v-c").json()["spec"]["nics"])
+        tap = "hv" + mac.replace(":", "")
+        subprocess.run(["ip", "netns", "exec", agent.netns, sys.executable, "-c",
+                        "import asyncio, sys; from hvagent.net import bridge; "
+                        "asyncio.run(bridge.plug(sys.argv[1], 10))", tap],
+                       check=True, cwd=REPO)
+        assert agent.links()[tap] == "hvbr10"
+        deadline = time.monotonic() + 120
+        while ("10.77.0.1", True) not in tinyguest.parse_pings(logs["v-c"].read_text()):
+            assert time.monotonic() < deadline, "C never reached A after the move"
+            time.sleep(0.5)
     finally:
         for name in guests:
             c.post(f"/vms/{name}/stop", json={"force": True})

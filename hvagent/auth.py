@@ -82,7 +82,7 @@ class Security:
 
     def admission(self) -> Admission:
         """The host-policy hook the VM service calls on create and resource changes."""
-        return Admission(self.policy, self.access(), usage=self.usage,
+        return Admission(self.policy, self.access, usage=self.usage,
                          record_owner=self.tokens.set_owner)
 
     def access(self) -> AccessControl:

@@ -79,6 +79,18 @@ async def add_nic(name: str, nic: NicSpec, svc: Devices) -> Change:
     return await svc.add_nic(name, nic)
 
 
+class NicVlanRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vlan: int = Field(ge=1, le=4094)
+
+
+@router.put("/{name}/nics/{mac}",
+            dependencies=[Depends(require(P.VM_CONFIG_NETWORK, "/vms/{name}"))])
+async def set_nic_vlan(name: str, mac: str, body: NicVlanRequest, svc: Devices) -> Change:
+    """Move a NIC to another VLAN; on a running VM the guest sees the new segment at once."""
+    return await svc.set_nic_vlan(name, mac, body.vlan)
+
+
 @router.delete("/{name}/nics/{mac}",
                dependencies=[Depends(require(P.VM_CONFIG_NETWORK, "/vms/{name}"))])
 async def remove_nic(name: str, mac: str, svc: Devices, response: Response,

@@ -1,4 +1,4 @@
-"""Real disk-image-create builds of small profiles (tests/build/profiles/), booted in QEMU.
+"""Real disk-image-create builds of small profiles (tests/builds/profiles/), booted in QEMU.
 
 Slow (a cold build is minutes; DIB's cache makes later ones faster), so marked `image`.
 """

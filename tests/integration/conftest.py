@@ -48,6 +48,14 @@ class Agent:
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
                                    base_url="http://hvagent/api/v1", timeout=120)
 
+    def token(self, principal: str, role: str) -> str:
+        """A fresh API token for `principal` with `role` on / (made by `hvagent token`)."""
+        r = subprocess.run([*HVAGENT, "token", "--config", str(self.config), "--json",
+                            "create", principal, "--role", role],
+                           capture_output=True, text=True, cwd=REPO, check=False)
+        assert r.returncode == 0, r.stderr
+        return str(json.loads(r.stdout)["token"])
+
     def start(self) -> None:
         log = (self.root / "agent.log").open("ab")
         self.proc = subprocess.Popen([*HVAGENT, "serve", "--config", str(self.config)],

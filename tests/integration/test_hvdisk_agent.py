@@ -6,11 +6,8 @@ boots from an emulated SATA disk on the AHCI controller."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,55 +15,29 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 sys.path.insert(0, str(Path(__file__).parent))
 import disk_images as di  # noqa: E402
-from conftest import REPO, Agent  # noqa: E402
+from conftest import Agent  # noqa: E402
 from test_hvdisk_edit import hvdisk  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
-class DiskAgent(Agent):
-    """The real `hvagent serve` (its v1 app mounts the disks router), plus tokens."""
-
-    def token(self, principal: str, role: str) -> str:
-        r = subprocess.run([sys.executable, "-m", "hvagent.cli.hvagent", "token", "--config",
-                            str(self.config), "--json", "create", principal, "--role", role],
-                           capture_output=True, text=True, cwd=REPO, check=False)
-        assert r.returncode == 0, r.stderr
-        return str(json.loads(r.stdout)["token"])
-
-
-@pytest.fixture
-def dagent(tmp_path: Path) -> Iterator[DiskAgent]:
-    (tmp_path / "agent").mkdir()
-    a = DiskAgent(tmp_path / "agent")
-    a.start()
-    try:
-        yield a
-    finally:
-        for vm in a.client.get("/vms").json():
-            if vm["state"] in ("running", "paused"):
-                a.client.post(f"/vms/{vm['name']}/stop", json={"force": True})
-        a.stop()
-        a.client.close()
-
-
-def test_files_on_a_stopped_vm_disk(dagent: DiskAgent, tmp_path: Path) -> None:
+def test_files_on_a_stopped_vm_disk(agent: Agent, tmp_path: Path) -> None:
     raw = di.make_raw(tmp_path / "raw", "gpt")
-    dagent.storage.mkdir(parents=True, exist_ok=True)
-    disk = di.convert(raw, "vhdx", dagent.storage / "edit.vhdx")
-    dagent.ok("POST", "/vms", json={"name": "ed", "memory_mib": 64,
+    agent.storage.mkdir(parents=True, exist_ok=True)
+    disk = di.convert(raw, "vhdx", agent.storage / "edit.vhdx")
+    agent.ok("POST", "/vms", json={"name": "ed", "memory_mib": 64,
                                     "disks": [{"path": str(disk)}]})
-    c = dagent.client
+    c = agent.client
     base = "/vms/ed/disks/0"
     r = c.get(f"{base}/files", params={"path": "/etc/abs-hostname"})
     assert r.status_code == 200 and r.content == di.FILES["etc/hostname"]
-    names = [e["name"] for e in dagent.ok("GET", f"{base}/ls", params={"path": "/etc"})]
+    names = [e["name"] for e in agent.ok("GET", f"{base}/ls", params={"path": "/etc"})]
     assert "motd" in names
     r = c.put(f"{base}/files", params={"path": "/etc/motd", "mode": "0600"},
               content=b"from the agent\n")
     assert r.status_code == 200, r.text
     assert c.get(f"{base}/files", params={"path": "/etc/motd"}).content == b"from the agent\n"
-    assert dagent.ok("GET", f"{base}/stat", params={"path": "/etc/motd"})["mode"] == "0600"
+    assert agent.ok("GET", f"{base}/stat", params={"path": "/etc/motd"})["mode"] == "0600"
     r = c.get(f"{base}/files", params={"path": "/EFI/BOOT/BOOTX64.EFI", "partition": 1})
     assert r.content == di.ESP_FILES["EFI/BOOT/BOOTX64.EFI"]
     assert c.post(f"{base}/dirs", params={"path": "/srv/a", "parents": True}).status_code == 200
@@ -78,7 +49,7 @@ def test_files_on_a_stopped_vm_disk(dagent: DiskAgent, tmp_path: Path) -> None:
     assert r.status_code == 400 and "escapes the guest root" in r.json()["detail"]
     assert c.get("/vms/ed/disks/3/files", params={"path": "/x"}).status_code == 404
     # Privileges: an Auditor may do neither.
-    h = {"Authorization": f"Bearer {dagent.token('disk-auditor', 'Auditor')}"}
+    h = {"Authorization": f"Bearer {agent.token('disk-auditor', 'Auditor')}"}
     for priv, r in (("Disk.Read", c.get(f"{base}/files", params={"path": "/etc/motd"},
                                         headers=h)),
                     ("Disk.Write", c.put(f"{base}/files", params={"path": "/x"}, content=b"x",
@@ -86,29 +57,29 @@ def test_files_on_a_stopped_vm_disk(dagent: DiskAgent, tmp_path: Path) -> None:
         assert r.status_code == 403 and priv in r.json()["detail"], r.text
     assert di.sha256(disk) == before
     # While the VM runs: 409, nothing touched.
-    dagent.ok("POST", "/vms/ed/start")
+    agent.ok("POST", "/vms/ed/start")
     r = c.get(f"{base}/files", params={"path": "/etc/motd"})
     assert r.status_code == 409 and "stop it" in r.json()["detail"]
     assert c.put(f"{base}/files", params={"path": "/x"}, content=b"x").status_code == 409
-    dagent.ok("POST", "/vms/ed/stop", json={"force": True})
+    agent.ok("POST", "/vms/ed/stop", json={"force": True})
     assert di.sha256(disk) == before
     assert c.get(f"{base}/files", params={"path": "/etc/motd"}).status_code == 200
     assert di.qemu_img_check_ok(disk, "vhdx")
 
 
-def test_p2v_import_boots_to_login(dagent: DiskAgent, tmp_path: Path) -> None:
+def test_p2v_import_boots_to_login(agent: Agent, tmp_path: Path) -> None:
     physical = di.make_physical_disk(tmp_path / "physical")
-    dagent.storage.mkdir(parents=True, exist_ok=True)
-    out = dagent.storage / "imported.vhdx"
+    agent.storage.mkdir(parents=True, exist_ok=True)
+    out = agent.storage / "imported.vhdx"
     hvdisk("p2v", "-q", physical, out, "--to", "vhdx")
-    res = dagent.ok("POST", "/vms/import", json={"name": "p2v", "image": "imported.vhdx"})
+    res = agent.ok("POST", "/vms/import", json={"name": "p2v", "image": "imported.vhdx"})
     assert res["firmware"] == "uefi" and res["disk_bus"] == "virtio"
     assert res["vm"]["spec"]["firmware"] == "uefi" and not res["warnings"]
-    r = dagent.client.post("/vms/import", json={"name": "p2v2", "image": "../../etc/passwd"})
+    r = agent.client.post("/vms/import", json={"name": "p2v2", "image": "../../etc/passwd"})
     assert r.status_code == 400 and "outside the storage directory" in r.json()["detail"]
-    dagent.ok("POST", "/vms/p2v/start")
-    dagent.wait_console("p2v", "p2vguest login:", timeout=600)
-    dagent.ok("POST", "/vms/p2v/stop", json={"force": True})
+    agent.ok("POST", "/vms/p2v/start")
+    agent.wait_console("p2v", "p2vguest login:", timeout=600)
+    agent.ok("POST", "/vms/p2v/stop", json={"force": True})
     shutil.rmtree(tmp_path / "physical", ignore_errors=True)
 
 
@@ -120,31 +91,31 @@ BOOT_CODE = (bytes.fromhex("fc31c08ed8baf803be177cac84c07403eeebf8faf4ebfc")
              + BOOT_LINE + b"\r\n\0")
 
 
-def test_import_without_virtio_boots_from_a_sata_disk_on_ahci(dagent: DiskAgent,
+def test_import_without_virtio_boots_from_a_sata_disk_on_ahci(agent: Agent,
                                                                tmp_path: Path) -> None:
     """A guest without virtio drivers is imported with an emulated SATA disk: the
     firmware boots from it, and QEMU has it on q35's AHCI controller."""
     physical = di.make_physical_disk(tmp_path / "physical", uefi=False, virtio=False)
     with physical.open("r+b") as fh:  # boot code only: the partition table stays
         fh.write(BOOT_CODE)
-    dagent.storage.mkdir(parents=True, exist_ok=True)
-    hvdisk("convert", "-q", physical, dagent.storage / "legacy.qcow2", "--to", "qcow2")
-    res = dagent.ok("POST", "/vms/import", json={"name": "legacy", "image": "legacy.qcow2",
+    agent.storage.mkdir(parents=True, exist_ok=True)
+    hvdisk("convert", "-q", physical, agent.storage / "legacy.qcow2", "--to", "qcow2")
+    res = agent.ok("POST", "/vms/import", json={"name": "legacy", "image": "legacy.qcow2",
                                                  "memory_mib": 64})
     assert res["firmware"] == "bios" and res["disk_bus"] == "sata"
     assert [d["bus"] for d in res["vm"]["spec"]["disks"]] == ["sata"]
     assert any("no virtio disk driver" in w for w in res["warnings"]), res["warnings"]
     # Only virtio disks hot-attach: a sata one is refused, the spec unchanged.
-    r = dagent.client.post("/vms/legacy/disks", json={"size": "16M", "bus": "sata"})
+    r = agent.client.post("/vms/legacy/disks", json={"size": "16M", "bus": "sata"})
     assert r.status_code == 400 and "cannot be hot-attached" in r.json()["detail"], r.text
-    assert len(dagent.ok("GET", "/vms/legacy")["spec"]["disks"]) == 1
+    assert len(agent.ok("GET", "/vms/legacy")["spec"]["disks"]) == 1
 
-    dagent.ok("POST", "/vms/legacy/start")
-    dagent.wait_console("legacy", BOOT_LINE.decode(), timeout=300)
+    agent.ok("POST", "/vms/legacy/start")
+    agent.wait_console("legacy", BOOT_LINE.decode(), timeout=300)
     # Ask QEMU itself where the disk sits. QMP serves one client: the agent lets go of
     # it while it is down (the VM keeps running) and takes it back on restart.
-    dagent.stop()
-    qmp = QEMUMonitorProtocol(str(dagent.run_dir / "legacy.qmp"))
+    agent.stop()
+    qmp = QEMUMonitorProtocol(str(agent.run_dir / "legacy.qmp"))
     qmp.connect()
     try:
         bus = str(qmp.cmd("qom-get", path="/machine/peripheral/disk0", property="parent_bus"))
@@ -153,9 +124,9 @@ def test_import_without_virtio_boots_from_a_sata_disk_on_ahci(dagent: DiskAgent,
         assert qmp.cmd("qom-get", path="/machine/peripheral/disk0",
                        property="type") == "ide-hd"
         block = {b["qdev"]: b for b in qmp.cmd("query-block")}  # type: ignore[attr-defined]
-        assert block["disk0"]["inserted"]["file"] == str(dagent.storage / "legacy.qcow2")
+        assert block["disk0"]["inserted"]["file"] == str(agent.storage / "legacy.qcow2")
     finally:
         qmp.close()
-    dagent.start()
-    dagent.ok("POST", "/vms/legacy/stop", json={"force": True})
+    agent.start()
+    agent.ok("POST", "/vms/legacy/stop", json={"force": True})
     shutil.rmtree(tmp_path / "physical", ignore_errors=True)

@@ -9,35 +9,18 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import disk_images as di  # noqa: E402
-from conftest import REPO  # noqa: E402
-from test_hvdisk_agent import DiskAgent  # noqa: E402
+from conftest import REPO, Agent  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def hv(tmp_path: Path) -> Iterator[DiskAgent]:
-    (tmp_path / "agent").mkdir()
-    a = DiskAgent(tmp_path / "agent")
-    a.start()
-    try:
-        yield a
-    finally:
-        for vm in a.client.get("/vms").json():
-            if vm["state"] in ("running", "paused"):
-                a.client.post(f"/vms/{vm['name']}/stop", json={"force": True})
-        a.stop()
-        a.client.close()
-
-
-def hvctl(agent: DiskAgent, *args: str | Path, input: bytes | None = None,
+def hvctl(agent: Agent, *args: str | Path, input: bytes | None = None,
           ok: bool = True) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if k != "HVCTL_TOKEN"}
     r = subprocess.run([sys.executable, "-m", "hvagent.cli.hvctl", "--socket",
@@ -54,82 +37,82 @@ def refused(r: subprocess.CompletedProcess[bytes], text: str) -> None:
     assert err.startswith("hvctl: ") and err.count("\n") == 1 and text in err, err
 
 
-def test_hvctl_disk_files(hv: DiskAgent, tmp_path: Path) -> None:
+def test_hvctl_disk_files(agent: Agent, tmp_path: Path) -> None:
     raw = di.make_raw(tmp_path / "raw", "gpt")
-    hv.storage.mkdir(parents=True, exist_ok=True)
-    disk = di.convert(raw, "qcow2", hv.storage / "files.qcow2")
-    hv.ok("POST", "/vms", json={"name": "fv", "memory_mib": 64,
+    agent.storage.mkdir(parents=True, exist_ok=True)
+    disk = di.convert(raw, "qcow2", agent.storage / "files.qcow2")
+    agent.ok("POST", "/vms", json={"name": "fv", "memory_mib": 64,
                                 "disks": [{"path": str(disk)}]})
-    assert hvctl(hv, "disk", "cat", "fv", "/etc/abs-hostname").stdout == \
+    assert hvctl(agent, "disk", "cat", "fv", "/etc/abs-hostname").stdout == \
         di.FILES["etc/hostname"]
-    assert "motd" in hvctl(hv, "disk", "ls", "fv", "/etc").stdout.decode().split()
-    rows = json.loads(hvctl(hv, "--json", "disk", "ls", "fv", "/etc").stdout)
+    assert "motd" in hvctl(agent, "disk", "ls", "fv", "/etc").stdout.decode().split()
+    rows = json.loads(hvctl(agent, "--json", "disk", "ls", "fv", "/etc").stdout)
     assert {"motd", "hostname"} <= {r["name"] for r in rows}
 
     payload = os.urandom(300_000)
     (tmp_path / "payload.bin").write_bytes(payload)
-    changes = hvctl(hv, "disk", "put", "fv", "--mode", "0600", "/etc/payload.bin",
+    changes = hvctl(agent, "disk", "put", "fv", "--mode", "0600", "/etc/payload.bin",
                     tmp_path / "payload.bin").stdout.decode()
     assert "/etc/payload.bin" in changes
-    hvctl(hv, "disk", "cat", "fv", "/etc/payload.bin", tmp_path / "back.bin")
+    hvctl(agent, "disk", "cat", "fv", "/etc/payload.bin", tmp_path / "back.bin")
     assert (tmp_path / "back.bin").read_bytes() == payload
-    assert hv.ok("GET", "/vms/fv/disks/0/stat", params={"path": "/etc/payload.bin"}
+    assert agent.ok("GET", "/vms/fv/disks/0/stat", params={"path": "/etc/payload.bin"}
                  )["mode"] == "0600"
-    hvctl(hv, "disk", "put", "fv", "/etc/motd", "-", input=b"from hvctl\n")
-    assert hvctl(hv, "disk", "cat", "fv", "/etc/motd").stdout == b"from hvctl\n"
-    res = json.loads(hvctl(hv, "--json", "disk", "mkdir", "fv", "-p", "/srv/a/b").stdout)
+    hvctl(agent, "disk", "put", "fv", "/etc/motd", "-", input=b"from hvctl\n")
+    assert hvctl(agent, "disk", "cat", "fv", "/etc/motd").stdout == b"from hvctl\n"
+    res = json.loads(hvctl(agent, "--json", "disk", "mkdir", "fv", "-p", "/srv/a/b").stdout)
     assert any("/srv/a/b" in c for c in res["changes"])
-    assert hvctl(hv, "disk", "ls", "fv", "/srv/a").stdout.decode().split()[-1] == "b"
-    hvctl(hv, "disk", "rm", "fv", "-r", "/srv")
-    assert "srv" not in hvctl(hv, "disk", "ls", "fv", "/").stdout.decode().split()
-    assert hvctl(hv, "disk", "cat", "fv", "--partition", "1", "/EFI/BOOT/BOOTX64.EFI"
+    assert hvctl(agent, "disk", "ls", "fv", "/srv/a").stdout.decode().split()[-1] == "b"
+    hvctl(agent, "disk", "rm", "fv", "-r", "/srv")
+    assert "srv" not in hvctl(agent, "disk", "ls", "fv", "/").stdout.decode().split()
+    assert hvctl(agent, "disk", "cat", "fv", "--partition", "1", "/EFI/BOOT/BOOTX64.EFI"
                  ).stdout == di.ESP_FILES["EFI/BOOT/BOOTX64.EFI"]
     (tmp_path / "fsck").mkdir()
     assert di.ext_clean(disk, "qcow2", tmp_path / "fsck").returncode == 0
 
     # Refusals: one line, exit 2, the image untouched.
     before = di.sha256(disk)
-    refused(hvctl(hv, "disk", "put", "fv", "/../x", tmp_path / "payload.bin", ok=False),
+    refused(hvctl(agent, "disk", "put", "fv", "/../x", tmp_path / "payload.bin", ok=False),
             "escapes the guest root")
-    refused(hvctl(hv, "disk", "cat", "fv", "--disk", "3", "/etc/motd", ok=False),
+    refused(hvctl(agent, "disk", "cat", "fv", "--disk", "3", "/etc/motd", ok=False),
             "has no disk 3")
-    refused(hvctl(hv, "disk", "put", "fv", "/etc/x", tmp_path / "missing", ok=False),
+    refused(hvctl(agent, "disk", "put", "fv", "/etc/x", tmp_path / "missing", ok=False),
             "missing: cannot read")
-    refused(hvctl(hv, "disk", "cat", "fv", "/etc/nothing-here", tmp_path / "out", ok=False),
+    refused(hvctl(agent, "disk", "cat", "fv", "/etc/nothing-here", tmp_path / "out", ok=False),
             "nothing-here")
     assert not (tmp_path / "out").exists()
-    refused(hvctl(hv, "disk", "ls", "nosuchvm", "/", ok=False), "nosuchvm")
-    hv.ok("POST", "/vms/fv/start")
-    refused(hvctl(hv, "disk", "put", "fv", "/etc/x", tmp_path / "payload.bin", ok=False),
+    refused(hvctl(agent, "disk", "ls", "nosuchvm", "/", ok=False), "nosuchvm")
+    agent.ok("POST", "/vms/fv/start")
+    refused(hvctl(agent, "disk", "put", "fv", "/etc/x", tmp_path / "payload.bin", ok=False),
             "stop it")
-    hv.ok("POST", "/vms/fv/stop", json={"force": True})
+    agent.ok("POST", "/vms/fv/stop", json={"force": True})
     assert di.sha256(disk) == before
     assert di.qemu_img_check_ok(disk, "qcow2")
 
 
-def test_hvctl_vm_import(hv: DiskAgent, tmp_path: Path) -> None:
+def test_hvctl_vm_import(agent: Agent, tmp_path: Path) -> None:
     physical = di.make_physical_disk(tmp_path / "physical", uefi=False, virtio=False)
-    hv.storage.mkdir(parents=True, exist_ok=True)
-    image = hv.storage / "old.qcow2"
+    agent.storage.mkdir(parents=True, exist_ok=True)
+    image = agent.storage / "old.qcow2"
     di.convert(physical, "qcow2", image)
     # by name inside the storage directory: people's output, warnings on stderr
-    r = hvctl(hv, "vm", "import", "old", "old.qcow2", "--memory", "96")
+    r = hvctl(agent, "vm", "import", "old", "old.qcow2", "--memory", "96")
     assert r.stdout.decode().strip() == "old: defined (firmware bios, disk bus sata)"
     assert "hvctl: warning:" in r.stderr.decode() and "virtio" in r.stderr.decode()
-    spec = hv.ok("GET", "/vms/old")["spec"]
+    spec = agent.ok("GET", "/vms/old")["spec"]
     assert spec["memory_mib"] == 96 and spec["firmware"] == "bios"
     assert [(d["path"], d["bus"]) for d in spec["disks"]] == [(str(image), "sata")]
-    assert "sata" in hvctl(hv, "vm", "show", "old").stdout.decode()
+    assert "sata" in hvctl(agent, "vm", "show", "old").stdout.decode()
     # by path, --json for scripts
-    hv.ok("DELETE", "/vms/old", params={"keep_disks": "true"})
-    res = json.loads(hvctl(hv, "--json", "vm", "import", "old2", image, "--vcpus", "2"
+    agent.ok("DELETE", "/vms/old", params={"keep_disks": "true"})
+    res = json.loads(hvctl(agent, "--json", "vm", "import", "old2", image, "--vcpus", "2"
                            ).stdout)
     assert (res["firmware"], res["disk_bus"], res["vm"]["spec"]["vcpus"]) == ("bios",
                                                                               "sata", 2)
     assert res["warnings"]
     # refusals
-    refused(hvctl(hv, "vm", "import", "old2", image, ok=False), "old2")
-    refused(hvctl(hv, "vm", "import", "x", physical, ok=False),
+    refused(hvctl(agent, "vm", "import", "old2", image, ok=False), "old2")
+    refused(hvctl(agent, "vm", "import", "x", physical, ok=False),
             "outside the storage directory")
-    refused(hvctl(hv, "vm", "import", "x", "nothing.qcow2", ok=False), "no such file")
-    assert [v["name"] for v in hv.ok("GET", "/vms")] == ["old2"]
+    refused(hvctl(agent, "vm", "import", "x", "nothing.qcow2", ok=False), "no such file")
+    assert [v["name"] for v in agent.ok("GET", "/vms")] == ["old2"]

@@ -28,6 +28,9 @@ def free_port() -> int:
 
 
 class SecureAgent:
+    # A command the agent runs under (e.g. `ip netns exec NS`); empty: run it directly.
+    wrapper: tuple[str, ...] = ()
+
     def __init__(self, root: Path, policy: dict[str, Any] | None = None) -> None:
         self.root = root
         self.config = root / "hvagent.yaml"
@@ -54,8 +57,8 @@ class SecureAgent:
 
     def start(self) -> None:
         out = (self.root / "agent.log").open("ab")
-        self.proc = subprocess.Popen([*HVAGENT, "serve", "--config", str(self.config)],
-                                     stdout=out, stderr=out, cwd=REPO)
+        self.proc = subprocess.Popen([*self.wrapper, *HVAGENT, "serve", "--config",
+                                      str(self.config)], stdout=out, stderr=out, cwd=REPO)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

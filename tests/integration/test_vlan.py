@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import tinyguest
-from secure_agent import HVAGENT, REPO, SecureAgent
+from secure_agent import REPO, SecureAgent
 
 pytestmark = pytest.mark.integration
 
@@ -29,21 +29,8 @@ class NetnsAgent(SecureAgent):
     def __init__(self, root: Path, netns: str) -> None:
         super().__init__(root, POLICY)
         self.netns = netns
+        self.wrapper = ("ip", "netns", "exec", netns)
         self.tokens: dict[str, str] = {}
-
-    def start(self) -> None:
-        out = (self.root / "agent.log").open("ab")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, *HVAGENT, "serve", "--config",
-             str(self.config)], stdout=out, stderr=out, cwd=REPO)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"hvagent exited: {self.log}")
-            if "listening on https://" in self.log:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"hvagent did not listen in 60 s: {self.log}")
 
     def uds(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

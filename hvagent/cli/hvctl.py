@@ -165,31 +165,22 @@ def _state_line(vm: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Errors of the subcommand groups (HVError) end as one line in main(), like CLIError.
     if args.command == "audit":
-        try:
-            hvctl_audit.run(args, call)
-        except HVError as e:
-            raise CLIError(e.message) from e
+        hvctl_audit.run(args, call)
         return
-    if args.command == "disk" or getattr(args, "vm_command", None) in \
-            hvctl_disks.VM_COMMANDS:
-        try:
-            if args.command == "disk":
-                hvctl_disks.run_disk(args, call, _out)
-            else:
-                hvctl_disks.run_vm(args, call, _out)
-        except HVError as e:
-            raise CLIError(e.message) from e
+    vm_command = getattr(args, "vm_command", None)
+    if args.command == "disk":
+        hvctl_disks.run_disk(args, call, _out)
         return
-    if args.command == "checkpoint" or getattr(args, "vm_command", None) in \
-            hvctl_devices.VM_COMMANDS:
-        try:
-            if args.command == "checkpoint":
-                hvctl_devices.run_checkpoint(args, call, _out)
-            else:
-                hvctl_devices.run_vm(args, call, _out)
-        except HVError as e:
-            raise CLIError(e.message) from e
+    if vm_command in hvctl_disks.VM_COMMANDS:
+        hvctl_disks.run_vm(args, call, _out)
+        return
+    if args.command == "checkpoint":
+        hvctl_devices.run_checkpoint(args, call, _out)
+        return
+    if vm_command in hvctl_devices.VM_COMMANDS:
+        hvctl_devices.run_vm(args, call, _out)
         return
     cmd = args.vm_command
     if cmd == "create":
@@ -282,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except CLIError as e:
         fail(str(e))
+    except HVError as e:
+        fail(e.message)
     return 0
 
 

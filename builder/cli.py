@@ -7,14 +7,17 @@ a build or boot that fails for another reason exits 1 and names the failing step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
@@ -23,6 +26,7 @@ from builder import build as build_mod
 from builder import dib, qemu, render
 from builder.paths import display, image_tests_dir, profiles_dir, repo_root
 from builder.profile import FIELDS, Profile, ProfileError, list_profiles, load
+from hvagent.errors import InvalidRequest
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -30,6 +34,55 @@ EXIT_FAILED = 1
 
 class UsageError(Exception):
     """A mistake in what the user asked for; exit 2."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every cleanup that runs for an interrupt
+    (DIB's process group stopped, mounts and loop devices released, the build's temp dir
+    removed) runs for these too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_stopping: list[int] = []
+
+
+def _on_stop_signal(signum: int, _frame: object) -> None:
+    # Only the first signal unwinds; a second one (an impatient Ctrl-C, `timeout` and CI
+    # both sending TERM) must not cut the cleanup short.
+    if _stopping:
+        return
+    _stopping.append(signum)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_unwind() -> Iterator[None]:
+    """INT, TERM and HUP all stop the command the same way while inside. A signal the
+    caller set to be ignored (nohup, a background job's SIGINT) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (main() called from a test thread)
+        return
+    _stopping.clear()
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    for sig, old in previous.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(sig, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _say(message: str) -> None:
+    try:  # after SIGHUP the terminal may be gone
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _positive(value: str) -> int:
@@ -97,16 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
-        return int(COMMANDS[args.command](args))
-    except (ProfileError, UsageError, render.RenderError) as e:
+        with stop_signals_unwind():
+            return int(COMMANDS[args.command](args))
+    except (ProfileError, UsageError, render.RenderError, InvalidRequest) as e:
         print(f"corehost: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (build_mod.BuildError, qemu.BootError) as e:
         print(f"corehost: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except Stopped as e:
+        _say(f"corehost: stopped by {signal.Signals(e.signum).name}")
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("corehost: interrupted", file=sys.stderr)
-        return 130
+        _say("corehost: interrupted")
+        return 128 + signal.SIGINT
 
 
 # ---------------------------------------------------------------- profiles
@@ -267,7 +324,10 @@ def cmd_test(args: argparse.Namespace) -> int:
                    f"--hosts=ssh://root@127.0.0.1:{machine.ssh_port}",
                    f"--ssh-config={config}", "-p", "no:cacheprovider", *extra]
             env = {**os.environ, "COREHOST_IMAGE": str(args.image.resolve()),
-                   "COREHOST_SERIAL_LOG": str(machine.serial_log)}
+                   "COREHOST_SERIAL_LOG": str(machine.serial_log),
+                   # what the guest was booted with, for the image tests to check
+                   "COREHOST_ACCEL": str(machine.accel.accel),
+                   "COREHOST_ACCEL_REASON": machine.accel.reason}
             rc = subprocess.run(cmd, cwd=repo_root(), env=env).returncode
             # End the shared ssh connection before the guest goes away.
             subprocess.run(["ssh", "-F", str(config), "-p", str(machine.ssh_port), "-O", "exit",

@@ -34,7 +34,12 @@ def image_tests_dir() -> Path:
 
 def display(path: Path) -> str:
     """A path as the user should read it: relative to the current directory when inside."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+    cwd = Path.cwd()
+    # abspath first: a symlink is named as the user wrote it, not as its target.
+    tries = ((Path(os.path.abspath(path)), cwd), (Path(path).resolve(), cwd.resolve()))
+    for candidate, base in tries:
+        try:
+            return str(candidate.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)

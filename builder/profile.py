@@ -12,9 +12,13 @@ key; `users` are merged by name (a child's keys override the parent's for that u
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -144,51 +148,173 @@ class _Doc:
         return ProfileError(self.file, self.line(path), name.replace(".[", "["), message)
 
 
-def _load_yaml(file: Path) -> _Doc:
+# Limits on a profile file, stated once. Profiles are a few dozen lines; the caps keep a
+# hostile file (an alias "billion laughs", a deep nest, /dev/zero) from costing more than
+# a moment and a few MB before it is refused.
+MAX_PROFILE_BYTES = 256 * 1024
+MAX_ALIASES = 100  # *alias references in one file
+MAX_NODES = 20_000  # values in the document once aliases are expanded
+MAX_DEPTH = 32  # nesting of mappings and lists
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+class _Limit(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses documents nested too deep or with too many aliases while
+    composing (PyYAML's composer recurses and resolves aliases by reference)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1 if event.start_mark is not None else 1
+        if isinstance(event, yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise _Limit(line,
+                             f"more than {MAX_ALIASES} aliases; write the values out or use "
+                             "extends:")
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Limit(line, f"nested deeper than {MAX_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _what_file(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _read_profile(file: Path) -> str:
+    """The file's text: a regular file of at most MAX_PROFILE_BYTES, in UTF-8."""
     try:
-        text = file.read_text()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProfileError(file, 0, "profile", "no such profile file") from None
     except OSError as e:
-        raise ProfileError(file, 1, "file", f"cannot read: {e.strerror}") from None
+        raise ProfileError(file, 0, "profile", f"cannot read: {e.strerror}") from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ProfileError(file, 0, "profile", f"is {_what_file(mode)}, expected a YAML file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_PROFILE_BYTES + 1)
+    except OSError as e:
+        raise ProfileError(file, 0, "profile", f"cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise ProfileError(file, 0, "profile",
+                           f"larger than {MAX_PROFILE_BYTES // 1024} KiB; not a profile")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ProfileError(file, line, "yaml",
+                           f"not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+
+
+def _load_yaml(file: Path) -> _Doc:
+    text = _read_profile(file)
+    try:
+        loader = _Loader(text)
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except _Limit as e:
+        raise ProfileError(file, e.line, "yaml", str(e)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        if context and problem.startswith("but "):  # "expected ..., but found ..."
+            problem = f"{context}, {problem}"
         raise ProfileError(file, line, "yaml", f"invalid YAML: {problem}") from None
     lines: dict[LinePath, int] = {}
     constructor = yaml.constructor.SafeConstructor()
+    nodes = 0
+    active: set[int] = set()  # nodes being converted: an alias back to one is a cycle
+
+    def dotted(path: LinePath) -> str:
+        name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path)
+        return name.replace(".[", "[") or "yaml"
+
+    def scalar(node: yaml.Node, path: LinePath) -> Any:
+        try:
+            return constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as e:
+            problem = (getattr(e, "problem", None) or str(e)).split(";")[0]
+            raise ProfileError(file, node.start_mark.line + 1, dotted(path),
+                               f"invalid value: {problem}") from None
 
     def convert(node: yaml.Node, path: LinePath) -> Any:
-        if isinstance(node, yaml.MappingNode):
+        nonlocal nodes
+        nodes += 1
+        line = node.start_mark.line + 1
+        if nodes > MAX_NODES:  # named at the top-level setting whose expansion is too big
+            raise ProfileError(file, lines.get(path[:1], line), "yaml",
+                               f"more than {MAX_NODES} values once aliases are expanded")
+        if id(node) in active:
+            # The node's own mark is its anchor's; the key or item naming the alias is here.
+            raise ProfileError(file, lines.get(path, line), dotted(path),
+                               "an alias refers to itself (recursive anchor)")
+        if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            return scalar(node, path)
+        if node.tag not in _PLAIN_TAGS:
+            raise ProfileError(file, line, dotted(path), f"unsupported YAML tag {node.tag!r}")
+        active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                items = []
+                for i, item in enumerate(node.value):
+                    lines[(*path, i)] = item.start_mark.line + 1
+                    items.append(convert(item, (*path, i)))
+                return items
             out: dict[str, Any] = {}
             for knode, vnode in node.value:
-                key = constructor.construct_object(knode, deep=True)
                 kline = knode.start_mark.line + 1
+                if knode.tag == _MERGE_TAG:
+                    raise ProfileError(file, kline, dotted(path), "merge keys (<<) are not "
+                                       "supported; use extends: to build on another profile")
+                key = scalar(knode, path) if isinstance(knode, yaml.ScalarNode) else None
                 if not isinstance(key, str):
-                    raise ProfileError(file, kline, ".".join(map(str, path)) or "yaml",
-                                       f"keys must be strings, got {key!r}")
+                    shown = repr(key) if key is not None or isinstance(
+                        knode, yaml.ScalarNode) else "a " + knode.id
+                    raise ProfileError(file, kline, dotted(path),
+                                       f"keys must be strings, got {shown}")
                 if key in out:
-                    raise ProfileError(file, kline, ".".join(map(str, (*path, key))),
-                                       "duplicate key")
+                    raise ProfileError(file, kline, dotted((*path, key)), "duplicate key")
                 lines[(*path, key)] = kline
                 out[key] = convert(vnode, (*path, key))
             return out
-        if isinstance(node, yaml.SequenceNode):
-            items = []
-            for i, item in enumerate(node.value):
-                lines[(*path, i)] = item.start_mark.line + 1
-                items.append(convert(item, (*path, i)))
-            return items
-        return constructor.construct_object(node, deep=True)
+        finally:
+            active.discard(id(node))
 
     if root is None:
         raise ProfileError(file, 1, "yaml", "empty file, expected a mapping of settings")
-    data = convert(root, ())
-    if not isinstance(data, dict):
+    if not isinstance(root, yaml.MappingNode):
         raise ProfileError(file, root.start_mark.line + 1, "yaml",
                            "expected a mapping of settings at the top level")
-    return _Doc(file, data, lines)
+    return _Doc(file, convert(root, ()), lines)
 
 
 # ---------------------------------------------------------------- value parsers
@@ -198,6 +324,10 @@ ELEMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([MGT])$")
+# A host image's disk: DIB writes it whole (raw) before converting, so a size beyond any
+# real host's disk only fails late; 2T is far above what a host OS needs.
+MAX_IMAGE_SIZE = "2T"
+MAX_POLICY_INT = 2**31 - 1
 SSH_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/=]+")
 
 Parser = Callable[[_Doc, LinePath, Any], Any]
@@ -242,7 +372,8 @@ def _kind(v: Any) -> str:
     if v is None:
         return "nothing"
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(v), type(v).__name__)
+            list: "a list", dict: "a mapping", bytes: "binary data", date: "a date",
+            datetime: "a date and time"}.get(type(v), type(v).__name__)
 
 
 def _mapping(doc: _Doc, path: LinePath, v: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -267,8 +398,11 @@ def _packages(doc: _Doc, path: LinePath, v: Any) -> dict[str, list[str]]:
 def _image_size(doc: _Doc, path: LinePath, v: Any) -> str:
     if not isinstance(v, str) or not SIZE_RE.match(v):
         raise doc.error(path, f"expected a size like 3G or 512M, got {v!r}")
-    if float(size_to_gb(v)) <= 0:
+    gb = float(size_to_gb(v))
+    if gb <= 0:
         raise doc.error(path, "must be larger than zero")
+    if gb > float(size_to_gb(MAX_IMAGE_SIZE)):
+        raise doc.error(path, f"{v} is larger than the limit of {MAX_IMAGE_SIZE}")
     return v
 
 
@@ -349,8 +483,28 @@ def _policy(doc: _Doc, path: LinePath, v: Any) -> dict[str, Any]:
 
     if not isinstance(v, dict):
         raise doc.error(path, f"expected a mapping (hvagent host policy), got {_kind(v)}")
+
+    def plain(x: Any, p: LinePath) -> None:
+        # The rendered policy is read back by the agent: only JSON-like values, and whole
+        # numbers within MAX_POLICY_INT (a larger quota is no quota).
+        if isinstance(x, dict):
+            for k, val in x.items():
+                plain(val, (*p, k))
+        elif isinstance(x, list):
+            for i, val in enumerate(x):
+                plain(val, (*p, i))
+        elif isinstance(x, bool) or x is None or isinstance(x, str | float):
+            return
+        elif isinstance(x, int):
+            if abs(x) > MAX_POLICY_INT:
+                raise doc.error(p, f"{x} is out of range (at most {MAX_POLICY_INT})")
+        else:
+            raise doc.error(p, f"expected a string, number, list or mapping, got {_kind(x)}")
+
+    plain(v, path)
     try:
-        HostPolicy.model_validate(v)
+        # strict: true is not 1 and 4.0 is not 4 (pydantic's lax mode would accept both).
+        HostPolicy.model_validate_json(json.dumps(v), strict=True)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(str(x) if isinstance(x, str) else x for x in err["loc"])
@@ -381,7 +535,8 @@ FIELDS: tuple[Field, ...] = (
     Field("packages", _packages, Merge.PACKAGES, {"add": [], "remove": []},
           "Extra packages: {add: [...], remove: [...]} (a plain list means add)."),
     Field("image_size", _image_size, Merge.OVERRIDE, None,
-          "Disk size, e.g. 3G (DIB --image-size); unset lets DIB size it to fit."),
+          f"Disk size, e.g. 3G (DIB --image-size), at most {MAX_IMAGE_SIZE}; unset lets DIB "
+          "size it to fit."),
     Field("outputs", _outputs, Merge.OVERRIDE, [OutputFormat.QCOW2],
           "Artifacts: qcow2, raw, vhd, vhdx, usb (pxe: not supported yet)."),
     Field("users", _users, Merge.BY_NAME, [],
@@ -441,8 +596,6 @@ def resolve_path(ref: str | Path) -> Path:
 def load(ref: str | Path) -> Profile:
     """Load, resolve inheritance and validate; raises ProfileError."""
     leaf = resolve_path(ref)
-    if not leaf.is_file():
-        raise ProfileError(leaf, 0, "profile", "no such profile file")
     chain: list[tuple[_Doc, dict[str, Any]]] = []
     seen: list[str] = []
     file = leaf
@@ -457,7 +610,7 @@ def load(ref: str | Path) -> Profile:
             cycle = " -> ".join([*seen, parent])
             raise doc.error(("extends",), f"inheritance cycle: {cycle}")
         file = file.parent / f"{parent}.yaml"
-        if not file.is_file():
+        if not (file.exists() or file.is_symlink()):
             raise doc.error(("extends",), f"no profile {parent!r} ({display(file)} not found)")
 
     merged: dict[str, Any] = {}

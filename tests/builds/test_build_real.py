@@ -6,9 +6,13 @@ Slow (a cold build is minutes; DIB's cache makes later ones faster), so marked `
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,12 +23,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PROFILES = HERE / "profiles"
 
-pytestmark = pytest.mark.image
+# A cold build plus a boot under TCG takes longer than the suite's default timeout.
+pytestmark = [pytest.mark.image, pytest.mark.timeout(3600)]
 
 
 def corehost(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True,
-                          text=True, cwd=REPO)
+                          text=True, cwd=REPO, timeout=3600)
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -56,15 +61,119 @@ def test_failed_build_names_the_step_and_keeps_the_previous_output(tmp_path: Pat
     assert f"full log: {failed_log}" in last
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _processes_with(token: str) -> list[int]:
+    """Pids whose command line contains token."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if token.encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _in_session(sid: int) -> list[int]:
+    return [int(d.name) for d in Path("/proc").iterdir()
+            if d.name.isdigit() and _session_of(int(d.name)) == sid]
+
+
+def _loops_under(root: Path) -> list[str]:
+    lines = subprocess.run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"], capture_output=True,
+                           text=True, timeout=30).stdout.splitlines()
+    return [ln for ln in lines if str(root) in ln]
+
+
+def _mounts_under(root: Path) -> list[str]:
+    return [m for m in Path("/proc/mounts").read_text().splitlines() if str(root) in m]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=lambda s: signal.Signals(s).name)
+def test_signal_during_a_silent_dib_step_cleans_up(
+        sig: int, fake_root: Path, add_element: Callable[..., Path], tmp_path: Path) -> None:
+    """INT, TERM and HUP stop a build the same way, even while DIB runs a step that
+    prints nothing (so DIB never notices a closed pipe): DIB's whole session is gone, no
+    mount or loop device of the build is left, the temp dir is removed and the previous
+    output is byte-identical. Cheap: the stub element's root.d step is DIB's first."""
+    token = f"corehost-silent-step-{uuid.uuid4().hex}"
+    # It stands in for the OS element (DIB wants one), so nothing runs before its step.
+    add_element("silent-step", {"element-provides": "operating-system\n",
+                                "environment.d/10-silent-step": "export DIB_INIT_SYSTEM=systemd\n",
+                                "root.d/10-silent-step": f"""\
+        #!/bin/bash
+        set -eu -o pipefail
+        # silent on purpose: a step that writes nothing while it works
+        exec -a {token} sleep 600
+        """})
+    os.chmod(fake_root / "elements/silent-step/root.d/10-silent-step", 0o755)
+    profile = fake_root / "profiles" / "silent.yaml"
+    profile.write_text("name: silent\nelements: [silent-step]\noutputs: [qcow2]\n")
+    out = tmp_path / "out"
+    previous = out / "silent"
+    previous.mkdir(parents=True)
+    (previous / "silent.qcow2").write_bytes(bytes(range(256)) * 64)
+    (previous / "manifest.json").write_text('{"input_hash": "from an earlier build"}\n')
+    before = tree(previous)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "build", str(profile),
+                                 "--out", str(out)], stdout=subprocess.DEVNULL, stderr=errf,
+                                cwd=fake_root, preexec_fn=_default_signals)
+    try:
+        deadline = time.monotonic() + 600  # DIB's cache lock may be held by another build
+        while not (step := _processes_with(token)):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "DIB never reached the silent step"
+            time.sleep(0.5)
+        sid = _session_of(step[0])
+        assert sid is not None and sid != os.getsid(0)  # DIB runs in its own session
+        assert _mounts_under(out)  # DIB's tmpfs for its build dir is up
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = log.read_text()
+    assert rc == 128 + sig, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == (
+        "corehost: interrupted" if sig == signal.SIGINT
+        else f"corehost: stopped by {signal.Signals(sig).name}")
+    assert "Traceback" not in err
+    assert _processes_with(token) == []
+    assert _in_session(sid) == []
+    assert _mounts_under(out) == []
+    assert _loops_under(out) == []
+    assert tree(previous) == before
+    assert sorted(p.name for p in out.iterdir()) == [".silent.lock", "silent"]
+
+
 def test_interrupted_build_cleans_up_and_keeps_the_previous_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     previous = out / "minimal"
     previous.mkdir(parents=True)
     (previous / "minimal.qcow2").write_bytes(b"an earlier image")
     before = tree(previous)
+    # Explicit SIGINT disposition: run from a background job the child would inherit it
+    # ignored, and the build would simply finish.
     proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "build",
                              str(PROFILES / "minimal.yaml"), "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=_default_signals)
     assert proc.stderr is not None
     mounted_during = 0
     for line in proc.stderr:
@@ -74,7 +183,7 @@ def test_interrupted_build_cleans_up_and_keeps_the_previous_output(tmp_path: Pat
             proc.send_signal(signal.SIGINT)  # what Ctrl-C does
             break
     rest = proc.stderr.read()
-    assert proc.wait() == 130, rest
+    assert proc.wait(timeout=600) == 130, rest
     assert "corehost: interrupted" in rest
     assert mounted_during > 0
     assert [m for m in Path("/proc/mounts").read_text().splitlines() if str(out) in m] == []
@@ -101,7 +210,7 @@ def test_build_writes_artifacts_and_manifest(minimal_build: tuple[Path, str]) ->
         assert outputs.sha256_file(path) == art["sha256"]
     formats = {a: json.loads(subprocess.run(
         ["qemu-img", "info", "--output=json", str(outdir / f"minimal.{a}")],
-        capture_output=True, text=True, check=True).stdout)["format"]
+        capture_output=True, text=True, check=True, timeout=60).stdout)["format"]
         for a in ("qcow2", "raw", "vhd")}
     assert formats == {"qcow2": "qcow2", "raw": "raw", "vhd": "vpc"}
     packages = {p["name"]: p["version"] for p in manifest["packages"]}

@@ -33,7 +33,7 @@ def test_build_of_a_broken_profile_exits_2_with_one_line(tmp_path: Path) -> None
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nelements: [vm]\npackages:\n  add: nope\n")
     proc = subprocess.run([sys.executable, "-m", "builder.cli", "build", str(bad), "--dry-run"],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr == "corehost: bad.yaml:4: packages.add: expected a list of strings\n"
     assert proc.stdout == ""
@@ -68,3 +68,62 @@ def test_fields_table_documents_every_setting(capsys: pytest.CaptureFixture[str]
     assert cli.main(["profiles", "--fields"]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == [f.key for f in FIELDS]
+
+
+def _hostile_profiles(d: Path) -> dict[str, str]:
+    """Profile paths that must each be refused with this one line (after `corehost: `)."""
+    import os
+
+    bomb = "name: bomb\nelements: [vm]\nl0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    bomb += "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9))
+    (d / "bomb.yaml").write_text(bomb)
+    (d / "loop.yaml").write_text("name: loop\nelements: &e [vm, *e]\n")
+    (d / "merge.yaml").write_text("d: &d {release: bookworm}\nname: merge\n<<: *d\n")
+    (d / "latin1.yaml").write_bytes(b"name: latin1\ndescription: \xe9\n")
+    (d / "huge.yaml").write_text("name: huge\nelements: [vm]\nimage_size: 100000000000000T\n")
+    (d / "dir.yaml").mkdir()
+    os.mkfifo(d / "fifo.yaml")
+    (d / "zero.yaml").symlink_to("/dev/zero")
+    (d / "kid.yaml").write_text("name: kid\nextends: fifo\n")
+    return {
+        "bomb": "bomb.yaml:7: yaml: more than 20000 values once aliases are expanded",
+        "loop": "loop.yaml:2: elements[1]: an alias refers to itself (recursive anchor)",
+        "merge": "merge.yaml:3: yaml: merge keys (<<) are not supported; use extends: to build "
+                 "on another profile",
+        "latin1": "latin1.yaml:2: yaml: not UTF-8 text (byte 0xe9)",
+        "huge": "huge.yaml:3: image_size: 100000000000000T is larger than the limit of 2T",
+        "dir": "dir.yaml: profile: is a directory, expected a YAML file",
+        "fifo": "fifo.yaml: profile: is a FIFO, expected a YAML file",
+        "zero": "zero.yaml: profile: is a character device, expected a YAML file",
+        "kid": "fifo.yaml: profile: is a FIFO, expected a YAML file",
+    }
+
+
+def test_hostile_profiles_exit_2_with_one_line_and_build_nothing(tmp_path: Path) -> None:
+    """The real command, as a subprocess with a memory limit and a timeout: each bad
+    profile is one stderr line and exit 2, and the build never starts (no output root)."""
+    expected = _hostile_profiles(tmp_path)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+    for name, line in expected.items():
+        out = tmp_path / "out"
+        proc = subprocess.run(
+            [sys.executable, "-c", limit + "import runpy; runpy.run_module('builder.cli', "
+             "run_name='__main__')", "build", f"{name}.yaml", "--out", str(out)],
+            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"corehost: {line}\n", ""), name
+        assert not out.exists(), name
+
+
+def test_profiles_listing_survives_a_fifo_and_a_bomb(tmp_path: Path) -> None:
+    d = tmp_path / "profiles"
+    d.mkdir()
+    _hostile_profiles(d)
+    (d / "good.yaml").write_text("name: good\nelements: [vm]\n")
+    proc = subprocess.run([sys.executable, "-m", "builder.cli", "profiles", "--dir", str(d)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    rows = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    assert rows["good"].startswith("qcow2")
+    assert rows["fifo"] == "ERROR profiles/fifo.yaml: profile: is a FIFO, expected a YAML file"
+    assert rows["bomb"].startswith("ERROR profiles/bomb.yaml:7: yaml: more than 20000 values")
+    assert "Traceback" not in proc.stderr

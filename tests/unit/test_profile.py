@@ -266,3 +266,173 @@ def test_no_policy_renders_the_agents_defaults(profiles: Path, tmp_path: Path) -
     overlay = render.render_overlay(load(profiles / "plain.yaml"), build_dir, None)
     rendered = overlay / render.OVERLAY / "static/etc/hvagent/policy.yaml"
     assert load_policy(rendered) == HostPolicy()
+
+
+# ---------------------------------------------------------------- hostile files and values
+# Each member of the family gets one `file:line: field: message` line (never a traceback,
+# never a hang): YAML features profiles do not need, files that are not profiles, and
+# numbers out of range.
+
+
+
+def laughs(levels: int) -> str:
+    """A "billion laughs" profile: each level aliases the one before nine times."""
+    body = "name: x\nelements: [vm]\nl0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    return body + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n"
+                          for i in range(1, levels))
+
+
+HOSTILE = [
+    ("name: x\nelements: &e [vm, *e]\n",
+     "2: elements[1]: an alias refers to itself (recursive anchor)"),
+    ("name: x\nelements: [vm]\npolicy: &p\n  quotas: *p\n",
+     "4: policy.quotas: an alias refers to itself (recursive anchor)"),
+    ("defaults: &d {release: bookworm}\nname: x\n<<: *d\n",
+     "3: yaml: merge keys (<<) are not supported; use extends: to build on another profile"),
+    ("name: x\nagent:\n  <<: {accel: tcg}\n",
+     "3: agent: merge keys (<<) are not supported; use extends: to build on another profile"),
+    ("name: x\nelements: [vm]\nwords: &w [a]\nmany: [" + ", ".join(["*w"] * 101) + "]\n",
+     "4: yaml: more than 100 aliases; write the values out or use extends:"),
+    ("name: x\nelements: " + "[" * 1000 + "]" * 1000 + "\n",
+     "2: yaml: nested deeper than 32 levels"),
+    ("name: x\nelements:\n\t- vm\n",
+     "3: yaml: invalid YAML: found character '\\t' that cannot start any token"),
+    ("name: x\n---\nname: y\n", "2: yaml: invalid YAML: expected a single document in the "
+     "stream, but found another document"),
+    ("42\n", "1: yaml: expected a mapping of settings at the top level"),
+    ("# only a comment\n", "1: yaml: empty file, expected a mapping of settings"),
+    ("? [a, b]\n: c\n", "1: yaml: keys must be strings, got a sequence"),
+    ("name: x\nelements: !!python/object/apply:os.system [echo hi]\n",
+     "2: elements: unsupported YAML tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("name: x\nrelease: !!python/name:os.system ''\n",
+     "2: release: invalid value: could not determine a constructor for the tag "
+     "'tag:yaml.org,2002:python/name:os.system'"),
+    ("name: x\nrelease: !!int abc\n",
+     "2: release: invalid value: invalid literal for int() with base 10: 'abc'"),
+    ("name: x\nrelease: " + "9" * 5000 + "\n", "2: release: invalid value: Exceeds the limit "
+     "(4300 digits) for integer string conversion: value has 5000 digits"),
+    ("name: x\nrelease: 2024-01-01\n", "2: release: expected a string, got a date"),
+    ("name: x\nagent:\n  accel: tcg\n  accel: kvm\n", "4: agent.accel: duplicate key"),
+    # image_size: huge, zero, negative, a float, a boolean, beyond float range
+    ("name: x\nimage_size: 100000000000000000000000000T\n",
+     "2: image_size: 100000000000000000000000000T is larger than the limit of 2T"),
+    ("name: x\nimage_size: 2049G\n", "2: image_size: 2049G is larger than the limit of 2T"),
+    ("name: x\nimage_size: " + "9" * 400 + "M\n",
+     "2: image_size: " + "9" * 400 + "M is larger than the limit of 2T"),
+    ("name: x\nimage_size: 0G\n", "2: image_size: must be larger than zero"),
+    ("name: x\nimage_size: -3G\n", "2: image_size: expected a size like 3G or 512M, got '-3G'"),
+    ("name: x\nimage_size: 2.5\n", "2: image_size: expected a size like 3G or 512M, got 2.5"),
+    ("name: x\nimage_size: true\n", "2: image_size: expected a size like 3G or 512M, got True"),
+    # the policy's numbers: huge, negative, float, boolean
+    ("name: x\npolicy:\n  quotas: {max_vcpus_per_vm: 100000000000000000000000000}\n",
+     "3: policy.quotas.max_vcpus_per_vm: 100000000000000000000000000 is out of range "
+     "(at most 2147483647)"),
+    ("name: x\npolicy:\n  quotas: {max_memory_mib_per_vm: -1}\n",
+     "3: policy.quotas.max_memory_mib_per_vm: Input should be greater than or equal to 1"),
+    ("name: x\npolicy:\n  quotas: {max_vcpus_per_vm: 4.0}\n",
+     "3: policy.quotas.max_vcpus_per_vm: Input should be a valid integer"),
+    ("name: x\npolicy:\n  quotas: {max_vms_per_principal: true}\n",
+     "3: policy.quotas.max_vms_per_principal: Input should be a valid integer"),
+    ("name: x\npolicy:\n  vlans: {admin: [10, true]}\n",
+     "3: policy.vlans.admin[1]: Input should be a valid integer"),
+    ("name: x\npolicy:\n  nested_virtualization: 1\n",
+     "3: policy.nested_virtualization: Input should be a valid boolean"),
+    ("name: x\npolicy:\n  disk_formats: [!!binary aGk=]\n",
+     "3: policy.disk_formats[0]: expected a string, number, list or mapping, got binary data"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), HOSTILE,
+                         ids=[f"{i}-{e[1].split(':')[1].strip()}" for i, e in enumerate(HOSTILE)])
+def test_hostile_yaml_and_values(profiles: Path, body: str, expected: str) -> None:
+    path = profiles / "x.yaml"
+    path.write_text(body)
+    assert error_of(path) == f"profiles/x.yaml:{expected}"
+
+
+def test_non_utf8_file_names_the_line(profiles: Path) -> None:
+    (profiles / "x.yaml").write_bytes(b"name: x\nelements: [vm]\ndescription: caf\xe9\n")
+    assert error_of(profiles / "x.yaml") == "profiles/x.yaml:3: yaml: not UTF-8 text (byte 0xe9)"
+
+
+def test_file_over_the_size_cap_is_refused_before_parsing(profiles: Path) -> None:
+    from builder.profile import MAX_PROFILE_BYTES
+
+    (profiles / "x.yaml").write_text("name: x\nelements: [vm]\n#" + "-" * MAX_PROFILE_BYTES)
+    assert error_of(profiles / "x.yaml") == (
+        "profiles/x.yaml: profile: larger than 256 KiB; not a profile")
+
+
+def _not_files(profiles: Path) -> dict[str, str]:
+    """Paths that are not regular files, each with what the error must call it."""
+    import os
+
+    (profiles / "dir.yaml").mkdir()
+    os.mkfifo(profiles / "fifo.yaml")
+    (profiles / "zero.yaml").symlink_to("/dev/zero")
+    return {"dir": "a directory", "fifo": "a FIFO", "zero": "a character device"}
+
+
+def test_paths_that_are_not_profile_files(profiles: Path) -> None:
+    # A FIFO with no writer would block a plain open(); /dev/zero would never end.
+    for name, what in _not_files(profiles).items():
+        assert error_of(profiles / f"{name}.yaml") == (
+            f"profiles/{name}.yaml: profile: is {what}, expected a YAML file")
+
+
+def test_extends_pointing_at_a_bad_file_names_that_file(profiles: Path) -> None:
+    bad = {**_not_files(profiles), "huge": "", "latin1": ""}
+    (profiles / "huge.yaml").write_text("name: huge\n#" + "-" * 300_000 + "\n")
+    (profiles / "latin1.yaml").write_bytes(b"name: latin1\ndescription: \xff\n")
+    expected = {
+        "dir": "profiles/dir.yaml: profile: is a directory, expected a YAML file",
+        "fifo": "profiles/fifo.yaml: profile: is a FIFO, expected a YAML file",
+        "zero": "profiles/zero.yaml: profile: is a character device, expected a YAML file",
+        "huge": "profiles/huge.yaml: profile: larger than 256 KiB; not a profile",
+        "latin1": "profiles/latin1.yaml:2: yaml: not UTF-8 text (byte 0xff)",
+    }
+    for parent in bad:
+        write(profiles, "kid", f"name: kid\nextends: {parent}\n")
+        assert error_of(profiles / "kid.yaml") == expected[parent]
+
+
+def test_a_few_anchors_and_aliases_still_work(profiles: Path) -> None:
+    write(profiles, "a", """\
+        name: a
+        elements: &els [debian-minimal, vm]
+        packages: {add: *els}
+        """)
+    p = load(profiles / "a.yaml")
+    assert p.elements == ("debian-minimal", "vm") and p.packages == ("debian-minimal", "vm")
+
+
+_BOMB_CHILD = """\
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+from builder.profile import ProfileError, load
+try:
+    load(sys.argv[1])
+except ProfileError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize(("levels", "via_extends"), [(9, False), (12, False), (9, True)])
+def test_alias_bomb_is_refused_in_bounded_memory_and_time(
+        profiles: Path, levels: int, via_extends: bool) -> None:
+    """A "billion laughs" document, loaded directly or as a parent: refused after a bounded
+    amount of work. Only ever loaded in a child with a 512 MiB address-space limit and a
+    timeout, so a regression fails fast (MemoryError or a kill) instead of eating the
+    machine."""
+    import subprocess
+    import sys
+
+    (profiles / "x.yaml").write_text(laughs(levels))
+    target = profiles / "x.yaml"
+    if via_extends:
+        target = write(profiles, "kid", "name: kid\nextends: x\n")
+    proc = subprocess.run([sys.executable, "-c", _BOMB_CHILD, str(target)],
+                          capture_output=True, text=True, timeout=60, cwd=profiles.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == (
+        "profiles/x.yaml:7: yaml: more than 20000 values once aliases are expanded\n")

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from hvagent.errors import InvalidRequest
+
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
@@ -121,12 +123,24 @@ def _boot_id() -> str:
 
 
 def choose_accel(requested: Accel | str = Accel.AUTO, *, use_cache: bool = True) -> AccelChoice:
-    """Resolve `auto` by probing (cached per host boot); explicit choices are honoured."""
+    """Resolve `auto` by probing (cached per host boot). `tcg` is always honoured; `kvm`
+    only where the probe shows KVM works, else InvalidRequest."""
     requested = Accel(requested)
     if requested is Accel.TCG:
         return AccelChoice(Accel.TCG, "requested")
+    choice = _probed(use_cache)
     if requested is Accel.KVM:
-        return AccelChoice(Accel.KVM, "requested")
+        # A forced KVM on a host where it does not really run a guest would only hang
+        # the guest silently at 100 % CPU: refuse it with the probe's finding.
+        if choice.accel is not Accel.KVM:
+            raise InvalidRequest(f"accel kvm requested, but KVM does not work on this host: "
+                                 f"{choice.reason}")
+        return AccelChoice(Accel.KVM, f"requested; {choice.reason}")
+    return choice
+
+
+def _probed(use_cache: bool) -> AccelChoice:
+    """What the probe concludes (cached per host boot)."""
     if not kvm_usable():
         return AccelChoice(Accel.TCG, "/dev/kvm missing or not accessible")
     cache = _cache_file()

@@ -56,3 +56,49 @@ def test_dev_kvm_creates_a_vm(host: Host) -> None:
 def test_qemu_tools_run(host: Host, tool: str) -> None:
     out = host.check_output(f"{tool} --version")
     assert "version" in out.lower()
+
+
+# Asks the agent on its unix socket (root is its administrator there) for /api/v1/agent.
+AGENT_INFO = (
+    "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+    "s.sendall(b'GET /api/v1/agent HTTP/1.0\\r\\nHost: agent\\r\\n\\r\\n'); "
+    "data = b''.join(iter(lambda: s.recv(65536), b'')); "
+    "print(data.split(b'\\r\\n\\r\\n', 1)[1].decode())"
+)
+
+
+def test_booted_with_the_accelerator_corehost_chose(host: Host) -> None:
+    """`corehost test` says which accelerator it booted with; the guest's CPU agrees:
+    TCG runs QEMU's own CPU model (qemu64), KVM the host's (-cpu host)."""
+    import os
+
+    accel = os.environ.get("COREHOST_ACCEL")
+    assert accel in ("kvm", "tcg"), "run through `corehost test`, which sets COREHOST_ACCEL"
+    models = {line.split(":", 1)[1].strip()
+              for line in host.file("/proc/cpuinfo").content_string.splitlines()
+              if line.startswith("model name")}
+    assert models
+    emulated = all("QEMU Virtual CPU" in m for m in models)
+    assert emulated == (accel == "tcg"), (accel, os.environ.get("COREHOST_ACCEL_REASON"), models)
+
+
+def test_agent_reports_its_accelerator_choice(host: Host) -> None:
+    import json
+
+    import yaml
+
+    cfg = yaml.safe_load(host.file("/etc/hvagent/hvagent.yaml").content_string)
+    # The agent opens its socket only after its own KVM probe (up to its deadline, slow
+    # under TCG): wait for it, bounded.
+    waited = host.run("timeout 180 sh -c 'until test -S \"$1\"; do sleep 1; done' - %s",
+                      cfg["listen"])
+    assert waited.rc == 0, f"{cfg['listen']}: the agent's socket never appeared"
+    info = json.loads(host.check_output("python3 -c %s %s", AGENT_INFO, cfg["listen"]))
+    assert info.get("accel") in ("kvm", "tcg"), info
+    if cfg["accel"] == "auto":
+        # the probe decided, and says how
+        assert info["accel_reason"].startswith(("probe guest", "/dev/kvm", "no probe kernel"))
+    else:
+        assert info["accel"] == cfg["accel"]
+    if info["accel"] == "kvm":
+        assert host.run("test -c /dev/kvm").rc == 0

@@ -64,8 +64,19 @@ def _owner(text: str) -> tuple[int | None, int | None]:
         raise DiskError(f"owner {text!r}: expected numeric UID[:GID]") from None
 
 
-def _changes(args: argparse.Namespace, plan: fs.Plan) -> None:
-    _emit(args, {"changes": plan.changes},
+_VIA = {"fuse": "a FUSE export", "copy": "a raw copy", "direct": "the raw image itself"}
+
+
+def _via(args: argparse.Namespace, gi: fs.GuestImage) -> None:
+    """--verbose: say how the disk was reached (an edit of a raw copy behaves, and
+    costs, differently from one through a FUSE export)."""
+    if getattr(args, "verbose", False) and gi.via:
+        print(f"hvdisk: {gi.image}: via {_VIA[gi.via]}", file=sys.stderr)
+
+
+def _changes(args: argparse.Namespace, plan: fs.Plan, gi: fs.GuestImage) -> None:
+    _via(args, gi)
+    _emit(args, {"changes": plan.changes, "via": gi.via},
           lambda: "\n".join(plan.changes) if plan.changes else "nothing to change")
 
 
@@ -157,7 +168,9 @@ def ls_line(e: dict[str, object]) -> str:
 def cmd_ls(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
-    rows = fs.ls(_guest(a), a.path)
+    gi = _guest(a)
+    rows = fs.ls(gi, a.path)
+    _via(a, gi)
     _emit(a, rows, lambda: "\n".join(ls_line(r) if a.long else str(r["name"]) for r in rows))
     return 0
 
@@ -165,7 +178,9 @@ def cmd_ls(a: argparse.Namespace) -> int:
 def cmd_stat(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
-    info = fs.stat(_guest(a), a.path, follow=a.follow)
+    gi = _guest(a)
+    info = fs.stat(gi, a.path, follow=a.follow)
+    _via(a, gi)
     _emit(a, info, lambda: "\n".join(f"{k}: {v}" for k, v in info.items()))
     return 0
 
@@ -173,7 +188,9 @@ def cmd_stat(a: argparse.Namespace) -> int:
 def cmd_cat(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
-    data = fs.cat(_guest(a), a.path)
+    gi = _guest(a)
+    data = fs.cat(gi, a.path)
+    _via(a, gi)
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
     return 0
@@ -185,7 +202,9 @@ def cmd_get(a: argparse.Namespace) -> int:
     dest = Path(a.dest)
     if dest.is_dir():
         dest = dest / Path(a.path).name
-    fs.get(_guest(a), a.path, dest)
+    gi = _guest(a)
+    fs.get(gi, a.path, dest)
+    _via(a, gi)
     return 0
 
 
@@ -193,16 +212,18 @@ def cmd_put(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
     uid, gid = _owner(a.owner) if a.owner else (None, None)
-    plan = fs.put(_guest(a), Path(a.src), a.path, mode=_mode(a.mode) if a.mode else None,
+    gi = _guest(a)
+    plan = fs.put(gi, Path(a.src), a.path, mode=_mode(a.mode) if a.mode else None,
                   uid=uid, gid=gid)
-    _changes(a, plan)
+    _changes(a, plan, gi)
     return 0
 
 
 def cmd_rm(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
-    _changes(a, fs.rm(_guest(a), a.path, recursive=a.recursive))
+    gi = _guest(a)
+    _changes(a, fs.rm(gi, a.path, recursive=a.recursive), gi)
     return 0
 
 
@@ -210,15 +231,17 @@ def cmd_mkdir(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
     uid, gid = _owner(a.owner) if a.owner else (0, 0)
-    _changes(a, fs.mkdir(_guest(a), a.path, parents=a.parents, mode=_mode(a.mode),
-                         uid=uid or 0, gid=gid or 0))
+    gi = _guest(a)
+    _changes(a, fs.mkdir(gi, a.path, parents=a.parents, mode=_mode(a.mode),
+                         uid=uid or 0, gid=gid or 0), gi)
     return 0
 
 
 def cmd_chmod(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
-    _changes(a, fs.chmod(_guest(a), a.path, _mode(a.mode)))
+    gi = _guest(a)
+    _changes(a, fs.chmod(gi, a.path, _mode(a.mode)), gi)
     return 0
 
 
@@ -226,7 +249,8 @@ def cmd_chown(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 
     uid, gid = _owner(a.owner)
-    _changes(a, fs.chown(_guest(a), a.path, uid, gid))
+    gi = _guest(a)
+    _changes(a, fs.chown(gi, a.path, uid, gid), gi)
     return 0
 
 
@@ -239,7 +263,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     else:
         problem = gi.read(lambda f: f.problems() if isinstance(f, fs.ExtFS) else None)
         result = "clean" if problem is None else f"errors: {problem}"
-    _emit(a, {"result": result}, lambda: result)
+    _via(a, gi)
+    _emit(a, {"result": result, "via": gi.via}, lambda: result)
     return 0 if not result.startswith("errors") else 1
 
 
@@ -252,7 +277,8 @@ def cmd_apply(a: argparse.Namespace) -> int:
     else:
         uid, gid = _owner(a.owner)
         owner = (uid or 0, gid or 0)
-    _changes(a, fs.apply_tree(_guest(a), Path(a.tree), a.dest, owner=owner))
+    gi = _guest(a)
+    _changes(a, fs.apply_tree(gi, Path(a.tree), a.dest, owner=owner), gi)
     return 0
 
 
@@ -332,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("target", metavar="IMAGE[@PARTITION]")
         sp.add_argument("--no-fuse", action="store_true",
                         help="edit through a raw copy instead of a FUSE export")
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="say on stderr how the disk was reached (FUSE export or copy)")
         if write:
             sp.add_argument("--force", action="store_true",
                             help="without FUSE: accept losing snapshots / backing chain")

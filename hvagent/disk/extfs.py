@@ -192,15 +192,19 @@ class ExtFS:
         entry = Entry(handle, "dir", st.S_IFDIR | mode, uid, gid)
         self.listing(parent)[name] = entry
         self._dirs[handle] = {}
+        plan.new_inodes += 1
+        plan.file_sizes.append(0)  # its first directory block is counted below
         plan.changes.append(f"mkdir {guest_path}")
         return entry
 
     def plan_put(self, src: Path, path: str, plan: Plan, *, mode: int | None = None,
-                 uid: int | None = None, gid: int | None = None) -> None:
+                 uid: int | None = None, gid: int | None = None, into_dir: bool = True) -> None:
         if not src.is_file():
             raise DiskError(f"{src}: not a regular file on the host")
         q(str(src))
         r = resolve(self, path, follow_final=True)
+        if r.entry is not None and r.entry.kind == "dir" and not into_dir:
+            raise DiskError(f"{path}: is a directory in the guest")
         if r.entry is not None and r.entry.kind == "dir":
             r = resolve(self, join(r.path, src.name), follow_final=True)
         if r.parent is None:
@@ -222,6 +226,8 @@ class ExtFS:
         if old is not None:
             steps += [f"rm {q(r.name)}", f"ln {name} {q(r.name)}", f"unlink {name}"]
         plan.steps += steps
+        plan.file_sizes.append(src.stat().st_size)
+        plan.new_inodes += 1
         self.listing(r.parent)[r.name] = Entry(f"new:{r.path}", "file", st.S_IFREG | new_mode,
                                                new_uid, new_gid, src.stat().st_size)
         plan.changes.append(f"write {r.path} ({src.stat().st_size} bytes)")
@@ -239,6 +245,8 @@ class ExtFS:
         steps += [f"symlink {q(r.name)} {q(target)}", f"sif {q(r.name)} uid {uid}",
                   f"sif {q(r.name)} gid {gid}"]
         plan.steps += steps
+        plan.new_inodes += 1
+        plan.file_sizes.append(len(target.encode()))
         self.listing(r.parent)[r.name] = Entry(f"new:{r.path}", "symlink", st.S_IFLNK | 0o777)
         plan.changes.append(f"symlink {r.path} -> {target}")
 
@@ -307,6 +315,37 @@ class ExtFS:
             plan.steps.append(f"sif {e.handle} gid {gid}")
         plan.changes.append(f"chown {uid if uid is not None else ''}:"
                             f"{gid if gid is not None else ''} {path}")
+
+    def check_space(self, plan: Plan) -> None:
+        """Refuse a plan that cannot fit, before anything is written: the data blocks
+        of every file, their extent/indirect blocks, a block per new inode for
+        directory growth, and a margin. (A replaced file's old blocks are freed only
+        after the new copy is written, so they do not count as free.)"""
+        if not plan.file_sizes and not plan.new_inodes:
+            return
+        text = self._run("stats -h").decode(errors="replace")
+
+        def num(label: str) -> int:
+            m = re.search(rf"^{label}:\s+(\d+)", text, re.MULTILINE)
+            return int(m.group(1)) if m else 0
+
+        bs, free, free_inodes = num("Block size"), num("Free blocks"), num("Free inodes")
+        if not bs:
+            return
+        need = 16 + plan.new_inodes
+        for size in plan.file_sizes:
+            blocks = -(-size // bs)
+            need += blocks + blocks // (bs // 4) + 1
+        if need > free:
+            raise DiskError(
+                f"not enough space in the ext file system on partition "
+                f"{self.vol.part.number}: the change needs about {need * bs >> 10} KiB, "
+                f"{free * bs >> 10} KiB are free; nothing written")
+        if plan.new_inodes > free_inodes:
+            raise DiskError(
+                f"not enough inodes in the ext file system on partition "
+                f"{self.vol.part.number}: {plan.new_inodes} needed, {free_inodes} free; "
+                "nothing written")
 
     # -- writing ------------------------------------------------------------------------
     def execute(self, plan: Plan) -> None:

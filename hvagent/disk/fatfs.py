@@ -121,12 +121,14 @@ class FatFS:
             raise DiskError(f"name {name!r}: not valid on FAT")
 
     def plan_put(self, src: Path, path: str, plan: Plan, *, mode: int | None = None,
-                 uid: int | None = None, gid: int | None = None) -> None:
+                 uid: int | None = None, gid: int | None = None, into_dir: bool = True) -> None:
         if not src.is_file():
             raise DiskError(f"{src}: not a regular file on the host")
         if uid or gid:
             raise DiskError("FAT file systems have no owners")
         r = resolve(self, path)
+        if r.entry is not None and r.entry.kind == "dir" and not into_dir:
+            raise DiskError(f"{path}: is a directory in the guest")
         if r.entry is not None and r.entry.kind == "dir":
             r = resolve(self, join(r.path, src.name))
         if r.parent is None:
@@ -191,6 +193,10 @@ class FatFS:
 
     def plan_chown(self, path: str, uid: int | None, gid: int | None, plan: Plan) -> None:
         raise DiskError(f"{path}: FAT file systems have no owners")
+
+    def check_space(self, plan: Plan) -> None:
+        """Nothing to check ahead: mcopy refuses a file that does not fit before it
+        writes, and the edit is rolled back as a whole anyway (hvagent.disk.fs)."""
 
     def execute(self, plan: Plan) -> None:
         for argv in plan.commands:

@@ -5,8 +5,9 @@ probes it as raw, which would read the footer as disk data), VHD sizes are exact
 (`force_size`), VHD and VHDX resize through a conversion round-trip, and VHD has a
 `check` (hvagent.disk.vhd). Every output is written to a temporary file beside the
 target and renamed into place, so a failed or interrupted operation leaves no
-half-written image. It also owns "is this image in use" (QEMU's image locks and open
-file descriptors of other processes).
+half-written image. It also owns "is this image in use" (QEMU's image locks, open
+file descriptors of other processes, and hvdisk's own session lock) and the overlay
+commit that makes an offline edit all or nothing.
 """
 
 from __future__ import annotations
@@ -161,6 +162,42 @@ def ensure_not_in_use(path: Path) -> None:
         raise ImageInUse(f"{path}: in use by {who}")
 
 
+EDIT_LOCK_NOTE = "an hvdisk or agent disk edit holds its lock"
+
+
+@contextmanager
+def session_lock(path: Path, *, exclusive: bool) -> Iterator[int]:
+    """hvdisk's own lock on the image for a whole session: exclusive for an edit, shared
+    for reading. A flock on the image file itself (so every name and link of the image
+    shares it); QEMU's OFD byte-range locks on the same file are independent of it, so
+    the QEMU processes a session starts are not refused by it. Refuses at once, never
+    waits. Yields the locked descriptor (see upgrade_lock)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DiskError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImageInUse(f"{path}: in use by another process ({EDIT_LOCK_NOTE})") from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def upgrade_lock(fd: int, path: Path) -> None:
+    """Turn a shared session lock exclusive, or refuse as in use."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ImageInUse(f"{path}: in use by another process ({EDIT_LOCK_NOTE})") from None
+
+
 def detect_format(path: Path) -> ImageFormat:
     """The format from the file's own magic (never from its name)."""
     if not path.exists():
@@ -281,10 +318,14 @@ def _run_with_progress(cmd: list[str], what: str, progress: Progress, path: Path
 
 def convert(src: Path, dst: Path, to: ImageFormat, *, fixed: bool | None = None,
             src_format: ImageFormat | None = None, overwrite: bool = False,
-            progress: Progress = no_progress, compress: bool = False) -> ImageInfo:
-    """Convert `src` into a new image `dst`; zero areas stay unallocated (sparse)."""
+            progress: Progress = no_progress, compress: bool = False,
+            check_holders: bool = True) -> ImageInfo:
+    """Convert `src` into a new image `dst`; zero areas stay unallocated (sparse).
+    check_holders=False: the caller already checked `src` and holds its session lock
+    (a refused rival may still have it open for an instant)."""
     src_fmt = src_format or detect_format(src)
-    ensure_not_in_use(src)
+    if check_holders:
+        ensure_not_in_use(src)
     if fixed is None:
         fixed = False
     cmd = [QEMU_IMG, "convert", "-p", "-f", src_fmt.qemu, "-O", to.qemu,
@@ -298,6 +339,20 @@ def convert(src: Path, dst: Path, to: ImageFormat, *, fixed: bool | None = None,
         tmp.unlink()
         _run_with_progress([*cmd, str(src), str(tmp)], f"convert {src}", progress, src)
     return image_info(dst, to)
+
+
+def create_overlay(base: Path, fmt: ImageFormat, overlay: Path) -> None:
+    """A new qcow2 file that records writes and reads everything else from `base`."""
+    run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", str(base.resolve()),
+              "-F", fmt.qemu, str(overlay)], f"create a copy-on-write overlay of {base}",
+             path=base)
+
+
+def commit_overlay(overlay: Path, base: Path) -> None:
+    """Write the clusters `overlay` holds into its backing file `base`. -d keeps the
+    overlay intact, so a commit that was cut short can simply be run again."""
+    run_tool([QEMU_IMG, "commit", "-q", "-d", "-f", "qcow2", str(overlay)],
+             f"commit the edit into {base}", path=base)
 
 
 def resize(path: Path, size: int, *, shrink: bool = False,

@@ -37,6 +37,8 @@ class Plan:
     steps: list[str] = field(default_factory=list)  # debugfs script lines (ext)
     commands: list[list[str]] = field(default_factory=list)  # mtools argv, "{IMG}" = volume
     changes: list[str] = field(default_factory=list)  # what a human is told
+    file_sizes: list[int] = field(default_factory=list)  # bytes of each file written
+    new_inodes: int = 0  # files, directories and symlinks created
 
     def __bool__(self) -> bool:
         return bool(self.steps or self.commands)

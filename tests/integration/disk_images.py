@@ -68,7 +68,7 @@ def sha256(path: Path) -> str:
 def run(*cmd: str | Path, env: dict[str, str] | None = None, input: bytes | None = None
         ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, env=env,
-                          input=input)
+                          input=input, timeout=60)
 
 
 def make_tree(root: Path) -> Path:
@@ -131,7 +131,7 @@ def ext_clean(image: Path, fmt: str, work: Path) -> subprocess.CompletedProcess[
     run("qemu-img", "convert", "-f", QEMU_FMT.get(fmt, fmt), "-O", "raw", image, raw)
     try:
         return subprocess.run(["e2fsck", "-fn", f"{raw}?offset={ROOT_START}"],
-                              capture_output=True, check=False)
+                              capture_output=True, check=False, timeout=60)
     finally:
         raw.unlink()
 
@@ -139,7 +139,7 @@ def ext_clean(image: Path, fmt: str, work: Path) -> subprocess.CompletedProcess[
 def qemu_img_check_ok(image: Path, fmt: str) -> bool:
     """qemu-img check (no corruptions; it has no check for VHD or raw, exit 63)."""
     proc = subprocess.run(["qemu-img", "check", "-f", QEMU_FMT.get(fmt, fmt), str(image)],
-                          capture_output=True, check=False)
+                          capture_output=True, check=False, timeout=60)
     return proc.returncode == 0 or (proc.returncode == 63 and fmt in ("vhd", "raw"))
 
 
@@ -183,7 +183,7 @@ def _initramfs(work: Path, modules: tuple[str, ...]) -> bytes:
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root,
                           input="\n".join(files).encode(), capture_output=True,
-                          check=True).stdout
+                          check=True, timeout=60).stdout
     return run("zstd", "-q", "-c", input=cpio).stdout  # Debian's default compression
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_p2v_import_boots_to_login(agent: Agent, tmp_path: Path) -> None:
     assert res["firmware"] == "uefi" and res["disk_bus"] == "virtio"
     assert res["vm"]["spec"]["firmware"] == "uefi" and not res["warnings"]
     r = agent.client.post("/vms/import", json={"name": "p2v2", "image": "../../etc/passwd"})
-    assert r.status_code == 400 and "outside the storage directory" in r.json()["detail"]
+    assert r.status_code == 403 and "not an allowed file" in r.json()["detail"]
     agent.ok("POST", "/vms/p2v/start")
     agent.wait_console("p2v", "p2vguest login:", timeout=600)
     agent.ok("POST", "/vms/p2v/stop", json={"force": True})
@@ -130,3 +131,36 @@ def test_import_without_virtio_boots_from_a_sata_disk_on_ahci(agent: Agent,
     agent.start()
     agent.ok("POST", "/vms/legacy/stop", json={"force": True})
     shutil.rmtree(tmp_path / "physical", ignore_errors=True)
+
+
+# Guest paths that name no file to write: the root, dot forms, climbing, a trailing
+# slash on a directory, empty, too long, NUL, and non-UTF-8 escapes (sent raw).
+BAD_PATHS = ["/", ".", "..", "x/..", "a/../..", "/etc/", "", "/" + "a" * 5000, "%00",
+             "/etc/%00x", "%ff%fe", "/etc/%c3%28"]
+
+
+def test_disk_file_routes_answer_4xx_for_the_whole_bad_path_family(agent: Agent,
+                                                                   tmp_path: Path) -> None:
+    raw = di.make_raw(tmp_path / "raw", "gpt")
+    agent.storage.mkdir(parents=True, exist_ok=True)
+    disk = di.convert(raw, "qcow2", agent.storage / "fam.qcow2")
+    agent.ok("POST", "/vms", json={"name": "fam", "memory_mib": 64,
+                                    "disks": [{"path": str(disk)}]})
+    c = agent.client
+    base = "/vms/fam/disks/0"
+    before = di.sha256(disk)
+    for path in BAD_PATHS:
+        q = f"path={path}"  # already percent-encoded where it matters: sent as is
+        for method, route, write in (("GET", "ls", False), ("GET", "stat", False),
+                                     ("GET", "files", False), ("PUT", "files", True),
+                                     ("DELETE", "files", True), ("POST", "dirs", True)):
+            r = c.request(method, f"{base}/{route}?{q}", content=b"x" if write else None)
+            where = (method, route, path, r.status_code, r.text[:200])
+            assert r.status_code < 500, where
+            if write or r.status_code >= 400:
+                assert 400 <= r.status_code < 500, where
+                assert r.headers["content-type"].startswith("application/problem+json"), where
+                assert r.json()["detail"], where
+    assert di.sha256(disk) == before
+    # Nothing on the host was named after a guest path.
+    assert not list(Path(tempfile.gettempdir()).glob("hvagent-put-*"))

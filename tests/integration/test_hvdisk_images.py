@@ -171,7 +171,9 @@ def _corpus(raw: Path, work: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("no_fuse", [False, True], ids=["fuse", "no-fuse"])
 def test_corrupt_images_are_refused_byte_identical(no_fuse: bool, raw_gpt: Path,
                                                    tmp_path: Path) -> None:
-    env = {**os.environ, "HVDISK_NO_FUSE": "1" if no_fuse else "0"}
+    # The FUSE variant must not quietly fall back to a copy.
+    env = {**os.environ, **({"HVDISK_NO_FUSE": "1"} if no_fuse else
+                            {"HVDISK_NO_FUSE": "0", "HVDISK_REQUIRE_FUSE": "1"})}
     host = tmp_path / "x"
     host.write_bytes(b"x")
     for what, img in _corpus(raw_gpt, tmp_path).items():
@@ -181,4 +183,5 @@ def test_corrupt_images_are_refused_byte_identical(no_fuse: bool, raw_gpt: Path,
             proc = hvdisk(*args, rc=2, env=env)
             err = proc.stderr.decode()
             assert err.startswith("hvdisk: error: ") and err.count("\n") == 1, (what, err)
+            assert "HVDISK_REQUIRE_FUSE" not in err, (what, err)  # refused on its merits
         assert di.sha256(img) == before, what

@@ -36,11 +36,11 @@ def physical(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def block_device(physical: Path) -> Iterator[Path]:
     dev = subprocess.run(["losetup", "--find", "--show", "--read-only", str(physical)],
-                         capture_output=True, check=True, text=True).stdout.strip()
+                         capture_output=True, check=True, text=True, timeout=60).stdout.strip()
     try:
         yield Path(dev)
     finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
+        subprocess.run(["losetup", "-d", dev], check=False, timeout=60)
 
 
 @pytest.mark.parametrize("fmt", ["vhdx", "qcow2"])
@@ -114,5 +114,5 @@ def test_p2v_image_boots_to_login(block_device: Path, tmp_path: Path) -> None:
         assert "p2vguest login:" in text, text[-2000:]
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
     hvdisk("check", out)

@@ -77,7 +77,7 @@ def job(agent: Agent, method: str, path: str, **kw: Any) -> tuple[float, dict[st
 def bench_hvagent(guest: tinyguest.TinyGuest, work: Path, rounds: int) -> dict[str, Any]:
     root = work / "hvagent"
     root.mkdir()
-    agent = Agent(root)
+    agent = Agent(root, library=tinyguest.library(guest.initrd.parent))
     agent.start()
     out: dict[str, Any] = {"create": [], "revert": []}
     try:

@@ -124,10 +124,13 @@ def bench_hvagent(guest: tinyguest.TinyGuest, work: Path,
     root.mkdir()
     cfg = root / "hvagent.yaml"
     sock = root / "hv.sock"
+    # The agent boots a kernel and initrd only from its storage or a library.
+    policy = root / "policy.yaml"
+    policy.write_text(json.dumps({"library": tinyguest.library(guest.initrd.parent)}))
     cfg.write_text(json.dumps({
         "listen": str(sock), "state_dir": str(root / "state"),
         "storage_dir": str(root / "images"), "run_dir": str(root / "run"),
-        "log_dir": str(root / "log"), "accel": "auto"}))
+        "log_dir": str(root / "log"), "accel": "auto", "policy": str(policy)}))
     log = (root / "agent.log").open("wb")
     agent = subprocess.Popen([sys.executable, "-m", "hvagent.cli.hvagent", "serve",
                               "--config", str(cfg)], stdout=log, stderr=log)

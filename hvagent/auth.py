@@ -83,7 +83,7 @@ class Security:
     def admission(self) -> Admission:
         """The host-policy hook the VM service calls on create and resource changes."""
         return Admission(self.policy, self.access, usage=self.usage,
-                         record_owner=self.tokens.set_owner)
+                         record_owner=self.tokens.set_owner, owner=self.tokens.owner)
 
     def access(self) -> AccessControl:
         # Stored grants are read on every decision: `hvagent token create --role` on the

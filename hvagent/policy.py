@@ -2,7 +2,8 @@
 
 Owns the host policy file (/etc/hvagent/policy.yaml, the group-policy analog): roles
 (built-in and custom), ACL entries (path, principal, role, propagate), quotas, allowed disk
-formats, allowed VLANs per role and whether nested virtualization is exposed to guests.
+formats, allowed VLANs per role, whether nested virtualization is exposed to guests and
+the shared image libraries.
 
 Access decisions follow Proxmox VE: a role is a set of privileges; an ACL entry grants a
 role to a principal on a path (`/`, `/vms`, `/vms/<name>`, `/networks/<name>`); an entry
@@ -108,10 +109,18 @@ class RoleDef(_Strict):
 
 
 class AclEntry(_Strict):
-    path: str = Field(pattern=r"^/([A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*)?$")
+    path: str = Field(pattern=r"^/([A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*)?$", max_length=1024)
     principal: str = Field(min_length=1)
     role: str
     propagate: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _canonical(cls, v: str) -> str:
+        # "." and ".." would name a different path than the one access checks compare.
+        if any(part in (".", "..") for part in v.split("/")):
+            raise ValueError(f"{v!r} is not a canonical path (no . or .. parts)")
+        return v
 
 
 class Quotas(_Strict):
@@ -135,6 +144,9 @@ class HostPolicy(_Strict):
     nested_virtualization: bool = True
     roles: dict[str, RoleDef] = {}
     acl: list[AclEntry] = []
+    # Directories of shared, read-only images (kernels, initrds) any principal may name
+    # as a VM's kernel or initrd (hvagent.vm.files).
+    library: list[str] = []
 
     @field_validator("disk_formats")
     @classmethod
@@ -154,6 +166,17 @@ class HostPolicy(_Strict):
             for i in ids:
                 if not 1 <= i <= 4094:
                     raise ValueError(f"{role}: VLAN id {i} is not in 1..4094")
+        return v
+
+    @field_validator("library")
+    @classmethod
+    def _library(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not d.startswith("/"):
+                raise ValueError(f"{d!r} is not an absolute path")
+            if Path(d).resolve() == Path("/"):
+                # The whole host file system as "shared images" would undo the confinement.
+                raise ValueError(f"{d!r}: a library cannot be the root directory")
         return v
 
     def model_post_init(self, _: Any) -> None:
@@ -243,13 +266,36 @@ class Admission:
 
     def __init__(self, policy: HostPolicy | None = None,
                  access: AccessControl | Callable[[], AccessControl] | None = None,
-                 usage: Any = None, record_owner: Any = None) -> None:
+                 usage: Any = None, record_owner: Any = None,
+                 owner: Callable[[str], str | None] | None = None) -> None:
         # `access` may be a callable returning the current ACLs, so that grants stored
         # after the agent started (`hvagent token create --role`) count at once.
         self.policy = policy or HostPolicy()
         self.access = access or AccessControl(self.policy)
         self._usage = usage
         self._record_owner = record_owner
+        self._owner = owner  # VM name -> the principal that created it
+
+    def _acl(self) -> AccessControl:
+        return self.access() if callable(self.access) else self.access
+
+    def may(self, privilege: str, path: str) -> bool:
+        """Whether the requesting principal holds `privilege` on `path` (the same
+        decision as a route's; no principal in context means the agent itself)."""
+        who = current_principal.get()
+        if who is None or who.is_root:
+            return True
+        vm = vm_of(path)
+        owner = self._owner(vm) if vm is not None and self._owner is not None else None
+        return self._acl().allowed(who, privilege, path, owner)
+
+    def is_host_admin(self) -> bool:
+        """root, or a principal holding Administrator on /vms: who may use host files
+        that belong to no VM (loose images, the host's /boot)."""
+        who = current_principal.get()
+        if who is None or who.is_root:
+            return True
+        return any(r.name == "Administrator" for r in self._acl().roles_on(who.name, "/vms"))
 
     def admit(self, spec: Any, previous: Any = None) -> None:
         """Raise PolicyDenied naming the first rule `spec` breaks (`previous`: the VM's
@@ -301,8 +347,7 @@ class Admission:
         who = current_principal.get()
         if who is None or who.is_root:
             return
-        access = self.access() if callable(self.access) else self.access
-        roles = [r.name for r in access.roles_on(who.name, path)]
+        roles = [r.name for r in self._acl().roles_on(who.name, path)]
         if "Administrator" in roles:
             return  # like root: any VLAN
         allowed = {v for r in roles for v in self.policy.vlans.get(r, [])}

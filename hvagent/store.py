@@ -4,6 +4,9 @@ Desired state (the VM spec, JSON) and observed state (state, pid, last error) li
 one row per VM. Other areas (jobs, audit, networks, ...) add their tables by appending
 to MIGRATIONS: each entry runs once, in order, and PRAGMA user_version records how many
 ran. Never edit an entry that has shipped; append a new one.
+
+A file that is not a usable database, or one a newer agent migrated further than
+MIGRATIONS goes, is refused with one line before anything writes to it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hvagent.errors import OperationFailed
 
 MIGRATIONS: list[str] = [
     # 1: VMs
@@ -106,6 +111,32 @@ MIGRATIONS: list[str] = [
 ]
 
 
+class DatabaseError(OperationFailed):
+    """The database file cannot be used (damaged, not a database, or too new)."""
+
+
+def _check_before_open(path: Path) -> None:
+    """Refuse, read-only, what must not be written to: a non-file, a damaged file, a
+    schema newer than this code knows."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise DatabaseError(f"{path}: not a database file")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise DatabaseError(f"{path}: not a usable agent database: {e}") from e
+    if version > len(MIGRATIONS):
+        raise DatabaseError(
+            f"{path}: written by a newer hvagent (schema version {version}; this one knows "
+            f"up to {len(MIGRATIONS)}): refusing to open it; run the newer hvagent")
+
+
 @dataclass
 class VMRow:
     name: str
@@ -123,11 +154,27 @@ class Store:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
         self._lock = threading.RLock()
-        self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.migrate()
+        _check_before_open(Path(path))
+        try:
+            self.conn = sqlite3.connect(self.path, check_same_thread=False,
+                                        isolation_level=None)
+        except sqlite3.Error as e:
+            raise DatabaseError(f"{path}: cannot open: {e}") from e
+        try:
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            # A truncated or damaged file can still open; its first real read would fail.
+            check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise DatabaseError(f"{path}: damaged database: {check}")
+            self.migrate()
+        except sqlite3.Error as e:
+            self.conn.close()
+            raise DatabaseError(f"{path}: not a usable agent database: {e}") from e
+        except BaseException:
+            self.conn.close()
+            raise
 
     def close(self) -> None:
         self.conn.close()

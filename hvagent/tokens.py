@@ -10,6 +10,7 @@ again, so a revocation or an expiry takes effect on the next request.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 import time
@@ -24,6 +25,9 @@ PREFIX = "hvt_"
 PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhdw]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# The longest lifetime a token can have ("never" aside): far enough for any rotation
+# policy, near enough that every expiry is a date clients and tools can show.
+MAX_TTL_DAYS = 3650
 
 
 class TokenStatus(StrEnum):
@@ -49,14 +53,31 @@ class TokenInfo:
         return TokenStatus.VALID
 
 
-def parse_duration(value: str) -> float | None:
-    """Seconds from "90d", "12h", "30m", "3600"; "never" -> None."""
+def parse_duration(value: str, field: str = "expires") -> float | None:
+    """Seconds from "90d", "12h", "30m", "3600" (1 s .. MAX_TTL_DAYS); "never" -> None.
+    `field` names the setting in the error."""
     if value.strip().lower() == "never":
         return None
     m = _DURATION_RE.match(value.strip().lower())
-    if not m or int(m.group(1)) == 0:
-        raise InvalidRequest(f"expires: {value!r} is not a duration (examples: 90d, 12h, never)")
-    return float(int(m.group(1)) * _SECONDS[m.group(2)])
+    # A bounded digit count first: int() of a huge string is slow, and refused anyway.
+    if not m or len(m.group(1)) > 12 or int(m.group(1)) == 0:
+        raise InvalidRequest(f"{field}: {value!r} is not a duration (a positive number "
+                             "with s, m, h, d or w; examples: 90d, 12h, never)")
+    seconds = int(m.group(1)) * _SECONDS[m.group(2)]
+    if seconds > MAX_TTL_DAYS * 86400:
+        raise InvalidRequest(f"{field}: {value!r} is longer than the maximum "
+                             f"{MAX_TTL_DAYS}d (or use never)")
+    return float(seconds)
+
+
+def _stored_time(value: object) -> float | None:
+    """A timestamp column as read: None stays None; anything else that is not a finite
+    number (a damaged row) becomes 0, which reads as long past: fail closed."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return 0.0
 
 
 def token_hash(token: str) -> str:
@@ -108,8 +129,11 @@ class Tokens:
 
     @staticmethod
     def _info(r: object) -> TokenInfo:
-        return TokenInfo(r["id"], r["principal"], r["comment"] or "",  # type: ignore[index]
-                         r["created_at"], r["expires_at"], r["revoked_at"])  # type: ignore[index]
+        created = _stored_time(r["created_at"])  # type: ignore[index]
+        return TokenInfo(str(r["id"]), str(r["principal"]),  # type: ignore[index]
+                         str(r["comment"] or ""), created or 0.0,  # type: ignore[index]
+                         _stored_time(r["expires_at"]),  # type: ignore[index]
+                         _stored_time(r["revoked_at"]))  # type: ignore[index]
 
     # ACL grants made with `hvagent token create --role` (the policy file holds the rest)
 

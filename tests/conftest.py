@@ -50,8 +50,9 @@ def add_element(fake_root: Path) -> Callable[..., Path]:
 def tiny_qcow2(tmp_path: Path) -> Path:
     """A real, small qcow2 with a few non-zero bytes written through qemu-io."""
     path = tmp_path / "tiny.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "100M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "100M"], check=True,
+                   timeout=60)
     if shutil.which("qemu-io"):
         subprocess.run(["qemu-io", "-c", "write -P 0x5a 1M 64k", str(path)], check=True,
-                       capture_output=True)
+                       capture_output=True, timeout=60)
     return path

@@ -4,6 +4,7 @@ detaches (never stops) the VMs at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -39,7 +40,9 @@ def create_app(config: AgentConfig) -> FastAPI:
         try:
             yield
         finally:
-            await vms.shutdown()
+            # Bounded: the VMs keep running whatever happens here (a stuck QMP close).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(vms.shutdown(), listeners.SHUTDOWN_GRACE)
             store.close()
 
     policy = load_policy(config.policy)  # a bad policy file stops the agent before it serves
@@ -50,4 +53,5 @@ def create_app(config: AgentConfig) -> FastAPI:
     app.include_router(audit.router, prefix="/api/v1")
     listeners.add_ca_route(app, config)
     auth.install(app)  # last: it checks every route declares a privilege
+    errors.declare(app)  # the error statuses of every operation, in the OpenAPI document
     return app

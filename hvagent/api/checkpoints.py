@@ -8,11 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from hvagent.api.schemas import CheckpointName, VMName
 from hvagent.auth import Privilege as P
 from hvagent.auth import require
 from hvagent.jobs import Job
 from hvagent.vm.checkpoints import Checkpoint, CheckpointService
-from hvagent.vm.spec import NAME_RE
+from hvagent.vm.spec import Name
 
 router = APIRouter(prefix="/vms", tags=["checkpoints"])
 
@@ -26,24 +27,24 @@ Checkpoints = Annotated[CheckpointService, Depends(_checkpoints)]
 
 class CreateCheckpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, pattern=NAME_RE)
+    name: Name | None = None
     description: str = Field(default="", max_length=1000)
 
 
 @router.get("/{name}/checkpoints", dependencies=[Depends(require(P.VM_AUDIT, "/vms/{name}"))])
-async def list_checkpoints(name: str, svc: Checkpoints) -> list[Checkpoint]:
+async def list_checkpoints(name: VMName, svc: Checkpoints) -> list[Checkpoint]:
     return svc.checkpoints(name)
 
 
 @router.get("/{name}/checkpoints/{checkpoint}",
             dependencies=[Depends(require(P.VM_AUDIT, "/vms/{name}"))])
-async def show_checkpoint(name: str, checkpoint: str, svc: Checkpoints) -> Checkpoint:
+async def show_checkpoint(name: VMName, checkpoint: CheckpointName, svc: Checkpoints) -> Checkpoint:
     return svc.get(name, checkpoint)
 
 
 @router.post("/{name}/checkpoints", status_code=status.HTTP_202_ACCEPTED,
              dependencies=[Depends(require(P.VM_SNAPSHOT, "/vms/{name}"))])
-async def create_checkpoint(name: str, svc: Checkpoints,
+async def create_checkpoint(name: VMName, svc: Checkpoints,
                             body: CreateCheckpoint | None = None) -> Job:
     body = body or CreateCheckpoint()
     return await svc.create(name, body.name, body.description)
@@ -51,11 +52,11 @@ async def create_checkpoint(name: str, svc: Checkpoints,
 
 @router.post("/{name}/checkpoints/{checkpoint}/revert", status_code=status.HTTP_202_ACCEPTED,
              dependencies=[Depends(require(P.VM_SNAPSHOT_ROLLBACK, "/vms/{name}"))])
-async def revert_checkpoint(name: str, checkpoint: str, svc: Checkpoints) -> Job:
+async def revert_checkpoint(name: VMName, checkpoint: CheckpointName, svc: Checkpoints) -> Job:
     return await svc.revert(name, checkpoint)
 
 
 @router.delete("/{name}/checkpoints/{checkpoint}", status_code=status.HTTP_202_ACCEPTED,
                dependencies=[Depends(require(P.VM_SNAPSHOT, "/vms/{name}"))])
-async def delete_checkpoint(name: str, checkpoint: str, svc: Checkpoints) -> Job:
+async def delete_checkpoint(name: VMName, checkpoint: CheckpointName, svc: Checkpoints) -> Job:
     return await svc.delete(name, checkpoint)

@@ -9,10 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from hvagent.api.schemas import HostPathQuery, Mac, VMName
 from hvagent.auth import Privilege as P
 from hvagent.auth import require
 from hvagent.vm.devices import DEFAULT_UNPLUG_TIMEOUT, Change, DeviceService
-from hvagent.vm.spec import DiskSpec, NicSpec
+from hvagent.vm.spec import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, DiskSpec, NicSpec
 
 router = APIRouter(prefix="/vms", tags=["devices"])
 
@@ -28,12 +29,17 @@ Timeout = Annotated[float, Query(gt=0, le=600, description="seconds to wait for 
 
 class MemoryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    memory_mib: int = Field(ge=16)
+    memory_mib: int = Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
 
 
 class VcpusRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    vcpus: int = Field(ge=1, le=255)
+    vcpus: int = Field(ge=1, le=MAX_VCPUS)
+
+
+# A removal the guest has not completed yet answers 202 (see the module docstring).
+PENDING: dict[int | str, dict[str, Any]] = {202: {
+    "model": Change, "description": "asked for; the guest has not released the device yet"}}
 
 
 def _answer(change: Change, response: Response) -> Change:
@@ -43,39 +49,40 @@ def _answer(change: Change, response: Response) -> Change:
 
 
 @router.get("/{name}/devices", dependencies=[Depends(require(P.VM_AUDIT, "/vms/{name}"))])
-async def show_devices(name: str, svc: Devices) -> dict[str, Any]:
+async def show_devices(name: VMName, svc: Devices) -> dict[str, Any]:
     return await svc.devices(name)
 
 
-@router.put("/{name}/memory",
+@router.put("/{name}/memory", responses=PENDING,
             dependencies=[Depends(require(P.VM_CONFIG_MEMORY, "/vms/{name}"))])
-async def set_memory(name: str, body: MemoryRequest, svc: Devices, response: Response,
+async def set_memory(name: VMName, body: MemoryRequest, svc: Devices, response: Response,
                      timeout: Timeout = DEFAULT_UNPLUG_TIMEOUT) -> Change:
     return _answer(await svc.set_memory(name, body.memory_mib, timeout), response)
 
 
-@router.put("/{name}/vcpus", dependencies=[Depends(require(P.VM_CONFIG_CPU, "/vms/{name}"))])
-async def set_vcpus(name: str, body: VcpusRequest, svc: Devices, response: Response,
+@router.put("/{name}/vcpus", responses=PENDING,
+            dependencies=[Depends(require(P.VM_CONFIG_CPU, "/vms/{name}"))])
+async def set_vcpus(name: VMName, body: VcpusRequest, svc: Devices, response: Response,
                     timeout: Timeout = DEFAULT_UNPLUG_TIMEOUT) -> Change:
     return _answer(await svc.set_vcpus(name, body.vcpus, timeout), response)
 
 
 @router.post("/{name}/disks", status_code=status.HTTP_201_CREATED,
              dependencies=[Depends(require(P.VM_CONFIG_DISK, "/vms/{name}"))])
-async def attach_disk(name: str, disk: DiskSpec, svc: Devices) -> Change:
+async def attach_disk(name: VMName, disk: DiskSpec, svc: Devices) -> Change:
     return await svc.attach_disk(name, disk)
 
 
-@router.delete("/{name}/disks",
+@router.delete("/{name}/disks", responses=PENDING,
                dependencies=[Depends(require(P.VM_CONFIG_DISK, "/vms/{name}"))])
-async def detach_disk(name: str, path: str, svc: Devices, response: Response,
+async def detach_disk(name: VMName, path: HostPathQuery, svc: Devices, response: Response,
                       timeout: Timeout = DEFAULT_UNPLUG_TIMEOUT) -> Change:
     return _answer(await svc.detach_disk(name, path, timeout), response)
 
 
 @router.post("/{name}/nics", status_code=status.HTTP_201_CREATED,
              dependencies=[Depends(require(P.VM_CONFIG_NETWORK, "/vms/{name}"))])
-async def add_nic(name: str, nic: NicSpec, svc: Devices) -> Change:
+async def add_nic(name: VMName, nic: NicSpec, svc: Devices) -> Change:
     return await svc.add_nic(name, nic)
 
 
@@ -86,13 +93,13 @@ class NicVlanRequest(BaseModel):
 
 @router.put("/{name}/nics/{mac}",
             dependencies=[Depends(require(P.VM_CONFIG_NETWORK, "/vms/{name}"))])
-async def set_nic_vlan(name: str, mac: str, body: NicVlanRequest, svc: Devices) -> Change:
+async def set_nic_vlan(name: VMName, mac: Mac, body: NicVlanRequest, svc: Devices) -> Change:
     """Move a NIC to another VLAN; on a running VM the guest sees the new segment at once."""
     return await svc.set_nic_vlan(name, mac, body.vlan)
 
 
-@router.delete("/{name}/nics/{mac}",
+@router.delete("/{name}/nics/{mac}", responses=PENDING,
                dependencies=[Depends(require(P.VM_CONFIG_NETWORK, "/vms/{name}"))])
-async def remove_nic(name: str, mac: str, svc: Devices, response: Response,
+async def remove_nic(name: VMName, mac: Mac, svc: Devices, response: Response,
                      timeout: Timeout = DEFAULT_UNPLUG_TIMEOUT) -> Change:
     return _answer(await svc.remove_nic(name, mac, timeout), response)

@@ -22,12 +22,16 @@ from hvagent.disk import fs as guestfs
 from hvagent.disk.errors import DiskError, ImageInUse
 from hvagent.disk.p2v import detect_boot
 from hvagent.errors import Conflict, InvalidRequest, NotFound
+from hvagent.vm.files import resolve as resolve_file
 from hvagent.vm.service import ACTIVE, VMInfo, VMService
-from hvagent.vm.spec import NAME_RE, DiskSpec, Firmware, VMSpec
+from hvagent.vm.spec import MAX_MEMORY_MIB, MAX_VCPUS, DiskSpec, Firmware, HostPath, Name, VMSpec
 
 router = APIRouter(tags=["disks"])
 Service = Annotated[VMService, Depends(deps.vms)]
-GuestPath = Annotated[str, Query(min_length=1, description="path inside the guest")]
+# No NUL, and no U+FFFD: the query string is decoded with replacement, so a path that
+# was not UTF-8 arrives with U+FFFD in it and would name some other file.
+GuestPath = Annotated[str, Query(min_length=1, max_length=4096, pattern="^[^\x00\ufffd]+$",
+                                 description="path inside the guest (UTF-8, no NUL)")]
 Partition = Annotated[int | None, Query(ge=0, description="default: the root file system")]
 T = TypeVar("T")
 READ = [Depends(require(P.DISK_READ))]
@@ -40,10 +44,10 @@ class Changes(BaseModel):
 
 
 class ImportRequest(BaseModel):
-    name: str = Field(pattern=NAME_RE)
-    image: str = Field(description="disk image in the agent's storage directory")
-    vcpus: int = Field(default=1, ge=1, le=255)
-    memory_mib: int = Field(default=1024, ge=16)
+    name: Name
+    image: HostPath = Field(description="disk image in the agent's storage directory")
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: int = Field(default=1024, ge=16, le=MAX_MEMORY_MIB)
 
 
 class ImportResult(BaseModel):
@@ -118,13 +122,15 @@ async def write_file(name: str, index: int, request: Request, svc: Service,
                      gid: Annotated[int | None, Query(ge=0)] = None) -> Changes:
     """The request body becomes the file's content."""
     body = await request.body()
+    # A fixed name in a private directory: nothing on the host is named after the guest
+    # path, and a path naming a guest directory is refused rather than written into.
     with tempfile.TemporaryDirectory(prefix="hvagent-put-") as work:
-        src = Path(work) / Path(path).name
+        src = Path(work) / "content"
         src.write_bytes(body)
         plan = await _on_stopped_disk(
             svc, name, index, "disk-write",
             lambda gi: guestfs.put(gi, src, path, mode=int(mode, 8) if mode else None,
-                                   uid=uid, gid=gid), partition)
+                                   uid=uid, gid=gid, into_dir=False), partition)
     return Changes(changes=plan.changes)
 
 
@@ -152,13 +158,9 @@ async def import_vm(req: ImportRequest, svc: Service) -> ImportResult:
     """Define a VM from an imported disk (e.g. `hvdisk p2v` output): UEFI when the disk
     has an EFI system partition with a loader, else BIOS; a virtio disk when the guest
     has virtio drivers, else an emulated SATA disk on the AHCI controller."""
-    p = Path(req.image)
-    path = (p if p.is_absolute() else svc.storage_dir / p).resolve()
-    if not path.is_relative_to(svc.storage_dir):
-        raise InvalidRequest(f"image: {req.image} is outside the storage directory "
-                             f"{svc.storage_dir}")
-    if not path.is_file():
-        raise InvalidRequest(f"image: {req.image}: no such file")
+    # Before the image is read at all: what it holds would tell a caller about a file it
+    # may not use. create() asks again (as disks[0].path) for the spec it records.
+    path = resolve_file(svc, req.image, "image", "disk", req.name)
     with _disk_errors():
         det = await asyncio.to_thread(detect_boot, path)
     bus: Literal["virtio", "sata"] = "virtio" if det.disk_bus == "virtio" else "sata"

@@ -1,5 +1,15 @@
 """problem+json error responses (RFC 9457) for the agent's own errors and for request
-validation. `detail` is the one line a client shows the user."""
+validation, and their declaration in the OpenAPI document. `detail` is the one line a
+client shows the user.
+
+The statuses, stated once: 400 the request is well-formed but cannot be carried out as
+asked (a file it names does not exist or is outside the storage directory, a host limit,
+a cross-field rule a service checks); 404 an object it names does not exist; 409 the
+object's state or another operation in progress stands in the way; 422 the request
+breaks a rule of the schema (or a cross-field rule the schema's description states);
+500 the hypervisor or the host failed to do something valid. 405 (wrong method on a
+known path) carries the `Allow` header RFC 9110 requires.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +18,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
+from hvagent.auth import _routes as routes_of  # every route, with its full path
 from hvagent.errors import Busy, HVError
 
 STATUS = {
@@ -23,9 +36,13 @@ STATUS = {
 PROBLEM = "application/problem+json"
 
 
-def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None,
+            **extra: Any) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -57,8 +74,78 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem(422, "invalid", validation_detail(exc), kind="invalid")
+        # `errors`: each broken rule's field and pydantic type; `cross_field` marks a
+        # rule across fields, which the schema states only in its description.
+        broken = [{"field": _field(tuple(e["loc"])), "type": str(e["type"])}
+                  for e in exc.errors()]
+        return problem(422, "invalid", validation_detail(exc), kind="invalid", errors=broken)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, "http", str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route matching the path; a path served by
+            # several routes (GET and DELETE /vms/{name}) allows all their methods.
+            headers["Allow"] = allowed_methods(app, request)
+        return problem(exc.status_code, "http", str(exc.detail), headers=headers or None)
+
+
+def allowed_methods(app: FastAPI, request: Request) -> str:
+    """The methods of the resource the path names: of the templates matching it, those
+    with the fewest parameters (/vms/import is the import resource, not the VM
+    `import`), as the OpenAPI document describes it."""
+    found: dict[int, set[str]] = {}
+    for path, route, _ in routes_of(app):
+        if compile_path(path)[0].match(request.url.path):
+            found.setdefault(path.count("{"), set()).update(getattr(route, "methods", ()))
+    return ", ".join(sorted(found[min(found)])) if found else ""
+
+
+def _declared(path: str, route: APIRoute, method: str) -> dict[str, str]:
+    """The error statuses a route can answer, from its shape (the handlers above are the
+    only way an error leaves the agent): every operation on a named object may find it
+    missing, every change may meet a conflicting state or fail in QEMU, and every request
+    with parameters may name something that cannot be used."""
+    has_params = bool(route.dependant.path_params or route.dependant.query_params
+                      or route.dependant.body_params)
+    out: dict[str, str] = {}
+    if has_params:
+        out["400"] = "the request cannot be carried out as asked"
+    if route.dependant.path_params:
+        out["404"] = "no such object"
+    if method in MUTATING or "/disks/" in path:
+        out["409"] = "the object's state or another operation is in the way"
+    if method in MUTATING:
+        out["500"] = "the hypervisor or the host failed"
+    return out
+
+
+def declare(app: FastAPI) -> None:
+    """Declare in the OpenAPI document every error status each operation can answer,
+    with the problem+json body. Call once every router is included."""
+    build = app.openapi
+    done = False
+
+    def openapi() -> dict[str, Any]:
+        nonlocal done
+        schema = build()
+        if done:
+            return schema
+        problem_ref = {"$ref": "#/components/schemas/Problem"}
+        schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+            "Problem", {"type": "object", "required": ["title", "status", "detail"]})
+        for path, route, _ in routes_of(app):
+            if not isinstance(route, APIRoute) or not route.include_in_schema:
+                continue
+            for method in route.methods or ():
+                op = schema.get("paths", {}).get(path, {}).get(method.lower())
+                if op is None:
+                    continue
+                responses = op.setdefault("responses", {})
+                for code, text in _declared(path, route, method).items():
+                    responses.setdefault(code, {
+                        "description": text, "content": {PROBLEM: {"schema": problem_ref}}})
+        done = True
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from hvagent.api import deps
+from hvagent.api.schemas import JobId, TargetQuery
 from hvagent.auth import Privilege as P
 from hvagent.auth import require
 from hvagent.errors import NotFound
@@ -42,7 +43,8 @@ READ_JOB = require(P.VM_AUDIT, "/vms/<target of job {job_id}>", resolve=_resolve
 
 # The list itself needs what a VMCreator holds on the collection; its items are filtered.
 @router.get("", dependencies=[Depends(require(P.VM_AUDIT, "/vms", or_else=SEE_ALL))])
-async def list_jobs(request: Request, jobs: JobsDep, target: str | None = None) -> list[Job]:
+async def list_jobs(request: Request, jobs: JobsDep,
+                    target: TargetQuery = None) -> list[Job]:
     found = jobs.list(target)
     if SEE_ALL.permits(request, SEE_ALL.path):
         return found
@@ -50,5 +52,5 @@ async def list_jobs(request: Request, jobs: JobsDep, target: str | None = None) 
 
 
 @router.get("/{job_id}", dependencies=[Depends(READ_JOB)])
-async def get_job(job_id: str, jobs: JobsDep) -> Job:
+async def get_job(job_id: JobId, jobs: JobsDep) -> Job:
     return jobs.get(job_id)

@@ -1,16 +1,20 @@
 """How the agent listens: the unix socket (the peer's uid comes from SO_PEERCRED and
 reaches the request as `scope["state"]["peer_uid"]`) and, when configured, an HTTPS-only
-TCP listener (TLS 1.2+) serving the same app next to it."""
+TCP listener (TLS 1.2+) serving the same app next to it; and how the agent stops: within
+a bound, whatever is stuck."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,11 +22,33 @@ from fastapi.responses import Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hvagent import tls
-from hvagent.config import AgentConfig
+from hvagent.config import AgentConfig, parse_listen
 from hvagent.errors import HVError, InvalidRequest
 
 log = logging.getLogger("hvagent")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# On SIGTERM/SIGINT: requests get SHUTDOWN_GRACE seconds to finish (then they are
+# cancelled), detaching from the VMs as long again; past EXIT_DEADLINE a watchdog ends
+# the process, whatever is stuck (a thread in a system call cannot be cancelled).
+SHUTDOWN_GRACE = 10
+EXIT_DEADLINE = 3 * SHUTDOWN_GRACE
+
+
+class AgentServer(uvicorn.Server):
+    """uvicorn's server whose exit on a signal is bounded by EXIT_DEADLINE."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            timer = threading.Timer(EXIT_DEADLINE, _force_exit, (sig,))
+            timer.daemon = True
+            timer.start()
+        super().handle_exit(sig, frame)
+
+
+def _force_exit(sig: int) -> None:
+    log.error("shutdown did not finish within %ds of signal %d: exiting now",
+              EXIT_DEADLINE, sig)
+    os._exit(1)
 
 
 class PeerCredProtocol(H11Protocol):
@@ -45,7 +71,11 @@ def server_cert(config: AgentConfig) -> tls.ServerCert:
         raise InvalidRequest("tls: give both cert and key, or neither")
     if t.cert is not None and t.key is not None:
         return tls.ServerCert(t.cert, t.key, None)
-    return tls.ensure_server_cert(config.state_dir / "tls", t.hostnames)
+    try:
+        return tls.ensure_server_cert(config.state_dir / "tls", t.hostnames)
+    except (OSError, ValueError) as e:  # unwritable, or a damaged certificate or key
+        raise InvalidRequest(f"tls: {config.state_dir / 'tls'}: cannot use the agent's "
+                             f"CA and certificate: {getattr(e, 'strerror', None) or e}") from e
 
 
 def add_ca_route(app: FastAPI, config: AgentConfig) -> None:
@@ -61,13 +91,17 @@ def add_ca_route(app: FastAPI, config: AgentConfig) -> None:
 
 
 def bind_tcp(listen: str) -> socket.socket:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as e:
+        raise InvalidRequest(f"tls.listen: {e}") from e
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, int(port)), family=family, backlog=128)
-    except OSError as e:
-        raise HVError(f"tls.listen: cannot listen on {listen}: {e.strerror}") from e
+        return socket.create_server((host, port), family=family, backlog=128)
+    except (OSError, OverflowError, ValueError) as e:  # in use, no such address/name
+        errno = getattr(e, "errno", None)
+        reason = os.strerror(errno) if isinstance(e, OSError) and errno else str(e)
+        raise HVError(f"tls.listen: cannot listen on {listen}: {reason}") from e
 
 
 class _FollowerServer(uvicorn.Server):
@@ -78,16 +112,24 @@ class _FollowerServer(uvicorn.Server):
         yield
 
 
-async def serve(server: uvicorn.Server, unix_sock: socket.socket, config: AgentConfig) -> None:
-    """Run `server` on the unix socket and, if configured, the same app over HTTPS."""
+async def serve(server: uvicorn.Server, unix_sock: socket.socket, config: AgentConfig,
+                tcp: socket.socket | None = None) -> None:
+    """Run `server` on the unix socket and, if configured, the same app over HTTPS (on
+    `tcp` when the caller bound it already)."""
     if config.tls.listen is None:
         await server.serve(sockets=[unix_sock])
         return
-    cert = server_cert(config)
-    ctx = tls.server_context(cert.cert, cert.key)
-    tcp = bind_tcp(config.tls.listen)
+    if tcp is None:
+        tcp = bind_tcp(config.tls.listen)
+    try:
+        cert = server_cert(config)
+        ctx = tls.server_context(cert.cert, cert.key)
+    except BaseException:
+        tcp.close()
+        raise
     cfg = uvicorn.Config(server.config.app, log_config=None, access_log=False,
-                         lifespan="off", http=PeerCredProtocol)
+                         lifespan="off", http=PeerCredProtocol,
+                         timeout_graceful_shutdown=SHUTDOWN_GRACE)
     cfg.load()
     cfg.ssl = ctx
     follower = _FollowerServer(cfg)

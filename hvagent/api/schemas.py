@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from fastapi import Path, Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from hvagent.vm.service import DEFAULT_STOP_TIMEOUT
+from hvagent.vm.spec import (
+    MAC_PATTERN,
+    NAME_MAX,
+    NAME_RE,
+    NAME_RULE,
+    PATH_MAX_CHARS,
+    PATH_PATTERN,
+    check_name,
+    check_path,
+)
+
+# Path parameters: the same rules as the bodies that made the objects, so a name no
+# object can have answers 422 naming the rule (not 404), and the document states it.
+VMName = Annotated[str, Path(description=f"a VM name: {NAME_RULE}",
+                             json_schema_extra={"pattern": NAME_RE, "minLength": 1,
+                                                "maxLength": NAME_MAX}),
+                   AfterValidator(check_name)]
+CheckpointName = Annotated[str, Path(description=f"a checkpoint name: {NAME_RULE}",
+                                     json_schema_extra={"pattern": NAME_RE, "minLength": 1,
+                                                        "maxLength": NAME_MAX}),
+                           AfterValidator(check_name)]
+Mac = Annotated[str, Path(pattern=MAC_PATTERN, description="a NIC's MAC address")]
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="a job id")]
+HostPathQuery = Annotated[str, Query(min_length=1, max_length=PATH_MAX_CHARS,
+                                     json_schema_extra={"pattern": PATH_PATTERN},
+                                     description="a host path (no control characters)"),
+                          AfterValidator(check_path)]
+TargetQuery = Annotated[str | None, Query(
+    max_length=NAME_MAX, pattern=NAME_RE,
+    description="only the jobs acting on this VM")]
 
 
 class StopRequest(BaseModel):

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, status
 
 from hvagent.api import deps
-from hvagent.api.schemas import Console, Deleted, StopRequest
+from hvagent.api.schemas import Console, Deleted, StopRequest, VMName
 from hvagent.auth import Privilege as P
 from hvagent.auth import permitted, require
 from hvagent.vm.service import VMInfo, VMService
@@ -31,42 +31,42 @@ async def create_vm(spec: VMSpec, svc: Service) -> VMInfo:
 
 
 @router.get("/{name}", dependencies=[Depends(require(P.VM_AUDIT))])
-async def show_vm(name: str, svc: Service) -> VMInfo:
+async def show_vm(name: VMName, svc: Service) -> VMInfo:
     return await svc.get(name)
 
 
 @router.delete("/{name}", dependencies=[Depends(require(P.VM_ALLOCATE))])
-async def delete_vm(name: str, svc: Service, keep_disks: bool = False) -> Deleted:
+async def delete_vm(name: VMName, svc: Service, keep_disks: bool = False) -> Deleted:
     return Deleted(name=name, removed_disks=await svc.delete(name, keep_disks=keep_disks))
 
 
 @router.post("/{name}/start", dependencies=[Depends(require(P.VM_POWERMGMT))])
-async def start_vm(name: str, svc: Service) -> VMInfo:
+async def start_vm(name: VMName, svc: Service) -> VMInfo:
     return await svc.start(name)
 
 
 @router.post("/{name}/stop", dependencies=[Depends(require(P.VM_POWERMGMT))])
-async def stop_vm(name: str, svc: Service, body: StopRequest | None = None) -> VMInfo:
+async def stop_vm(name: VMName, svc: Service, body: StopRequest | None = None) -> VMInfo:
     body = body or StopRequest()
     return await svc.stop(name, force=body.force, timeout=body.timeout)
 
 
 @router.post("/{name}/pause", dependencies=[Depends(require(P.VM_POWERMGMT))])
-async def pause_vm(name: str, svc: Service) -> VMInfo:
+async def pause_vm(name: VMName, svc: Service) -> VMInfo:
     return await svc.pause(name)
 
 
 @router.post("/{name}/resume", dependencies=[Depends(require(P.VM_POWERMGMT))])
-async def resume_vm(name: str, svc: Service) -> VMInfo:
+async def resume_vm(name: VMName, svc: Service) -> VMInfo:
     return await svc.resume(name)
 
 
 @router.post("/{name}/reset", dependencies=[Depends(require(P.VM_POWERMGMT))])
-async def reset_vm(name: str, svc: Service) -> VMInfo:
+async def reset_vm(name: VMName, svc: Service) -> VMInfo:
     return await svc.reset(name)
 
 
 @router.get("/{name}/console", dependencies=[Depends(require(P.VM_CONSOLE))])
-async def console(name: str, svc: Service,
+async def console(name: VMName, svc: Service,
                   lines: Annotated[int, Query(ge=1, le=100000)] = 50) -> Console:
     return Console(name=name, lines=lines, text=svc.console(name, lines))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import grp
 import logging
 import os
@@ -19,6 +20,7 @@ from hvagent.api.app import create_app
 from hvagent.cli import token_cmd
 from hvagent.config import AgentConfig, load_config
 from hvagent.errors import HVError
+from hvagent.store import Store
 
 log = logging.getLogger("hvagent")
 
@@ -41,6 +43,9 @@ def bind_unix(path: Path) -> socket.socket:
     old = os.umask(0o177)  # no window in which the socket is group/world accessible
     try:
         sock.bind(str(path))
+    except OSError as e:  # e.g. a path longer than a unix socket address allows
+        sock.close()
+        raise HVError(f"listen: {path}: cannot listen: {e.strerror or e}") from e
     finally:
         os.umask(old)
     try:
@@ -52,15 +57,56 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold state_dir/hvagent.lock (flock) for the life of the process; returns its fd.
+    Two agents on one state directory would fight over every VM's QMP socket."""
+    path = state_dir / "hvagent.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise HVError(f"state_dir: {path}: cannot open the lock file: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise HVError(f"state directory {state_dir} is in use by pid {holder} "
+                      "(another hvagent)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 async def serve(config: AgentConfig) -> None:
-    sock = bind_unix(config.listen)
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config), log_config=None, access_log=False, lifespan="on",
+    config.make_dirs()
+    lock = lock_state_dir(config.state_dir)  # before anything touches the VMs
+    try:
+        # Open (and migrate) the database here: an unusable one is one line and exit 2,
+        # not a failure inside uvicorn's start-up.
+        Store(config.database).close()
+        await _serve_locked(config)
+    finally:
+        os.close(lock)
+
+
+async def _serve_locked(config: AgentConfig) -> None:
+    app = create_app(config)  # before listening: a bad policy file stops it here
+    # The TCP port first: taken or wrong, it stops the agent before anything listens.
+    tcp = listeners.bind_tcp(config.tls.listen) if config.tls.listen else None
+    try:
+        sock = bind_unix(config.listen)
+    except BaseException:
+        if tcp is not None:
+            tcp.close()
+        raise
+    server = listeners.AgentServer(uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on",
         http=listeners.PeerCredProtocol,  # peer uid 0 is the root principal
+        timeout_graceful_shutdown=listeners.SHUTDOWN_GRACE,
     ))
     log.info("listening on %s", config.listen)
     try:
-        await listeners.serve(server, sock, config)
+        await listeners.serve(server, sock, config, tcp)
     finally:
         sock.close()
         config.listen.unlink(missing_ok=True)

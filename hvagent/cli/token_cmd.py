@@ -9,7 +9,10 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from hvagent.config import load_config
+from hvagent.errors import InvalidRequest
 from hvagent.policy import AclEntry, load_policy
 from hvagent.store import Store
 from hvagent.tokens import TokenInfo, Tokens, parse_duration
@@ -36,7 +39,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else dt.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+    if t is None:
+        return "-"
+    try:
+        return dt.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):  # a row no date can show (older agents)
+        return f"@{t:.0f}"
+
+
+def _grant(args: argparse.Namespace) -> AclEntry:
+    """The ACL entry of --role/--path, or one line saying which argument is wrong."""
+    try:
+        return AclEntry(path=args.path, principal=args.principal, role=args.role,
+                        propagate=not args.no_propagate)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "path"
+        if field == "path":
+            shown = repr(args.path) if len(args.path) <= 80 else (
+                f"{args.path[:40]!r}... ({len(args.path)} characters)")
+            raise InvalidRequest(
+                f"--path: {shown} is not a canonical ACL path (/ or /vms/NAME: "
+                "absolute, no empty, . or .. parts, no trailing /)") from e
+        raise InvalidRequest(f"{field}: {err['msg'].removeprefix('Value error, ')}") from e
 
 
 def _as_dict(t: TokenInfo) -> dict[str, object]:
@@ -48,19 +73,24 @@ def _as_dict(t: TokenInfo) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     """Raises HVError on bad input (the caller prints it and exits 2)."""
     config = load_config(args.config)
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequest(f"state_dir: {config.state_dir}: cannot create: "
+                             f"{e.strerror or e}") from e
     store = Store(config.database)
     try:
         tokens = Tokens(store)
         if args.token_command == "create":
-            ttl = parse_duration(args.expires or config.token_ttl)
+            if args.expires is not None:
+                ttl = parse_duration(args.expires, "--expires")
+            else:
+                ttl = parse_duration(config.token_ttl, "token_ttl")
             grant = None
             if args.role:
                 policy = load_policy(config.policy)
-                grant = AclEntry(path=args.path, principal=args.principal, role=args.role,
-                                 propagate=not args.no_propagate)
+                grant = _grant(args)
                 if policy.role(grant.role) is None:
-                    from hvagent.errors import InvalidRequest
                     raise InvalidRequest(f"--role: unknown role {args.role!r}")
             info, secret = tokens.create(args.principal, ttl, args.comment)
             if grant is not None:

@@ -49,7 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Method = Literal["internal", "external"]
-_ACTIVE = (VMState.RUNNING, VMState.PAUSED)
+# How a revert brought the checkpoint back: memory loaded into the running QEMU, a new
+# QEMU started from the checkpoint's layout and memory, or the disks only (VM left off).
+RevertHow = Literal["in-place", "restarted", "disk-only"]
+_ACTIVE = (VMState.RUNNING, VMState.PAUSED, VMState.UNRESPONSIVE)  # QEMU runs
 MIGRATE_BANDWIDTH = 8 << 30  # bytes/s: writing memory to a local file, not a network
 
 
@@ -203,10 +206,16 @@ class CheckpointService:
                  spec.model_dump_json(), "creating"))
 
             async def work(progress: Callable[[float], None]) -> Any:
-                if method == "internal":
-                    await self._create_internal(vm, cid, spec, mon, progress)
-                else:
-                    await self._create_external(vm, cid, spec, mon)
+                try:
+                    if method == "internal":
+                        await self._create_internal(vm, cid, spec, mon, progress)
+                    else:
+                        await self._create_external(vm, cid, spec, mon)
+                except HVError:
+                    # A failed checkpoint leaves nothing half-made: no row, no memory
+                    # file, no snapshot (what an agent restart would undo, undone now).
+                    await self._undo_create(vm, self.get(vm, cid), mon)
+                    raise
                 self._set(cid, status="ready")
                 self._set_head(vm, cid)
                 return self.get(vm, cid).model_dump(exclude={"spec"})
@@ -227,10 +236,10 @@ class CheckpointService:
 
             async def work(progress: Callable[[float], None]) -> Any:
                 try:
-                    state = await self._revert(vm, cp, progress)
+                    state, how = await self._revert(vm, cp, progress)
                 finally:
                     self._set(cp.id, status="ready")
-                return {"checkpoint": cp.id, "state": state}
+                return {"checkpoint": cp.id, "state": state, "how": how}
 
             return self._start_job("checkpoint-revert", vm, work)
         except BaseException:
@@ -309,7 +318,16 @@ class CheckpointService:
                                       {"node-name": roots[disk_node(spec, i)]["node-name"]})
             await mon.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
             await mon.execute("migrate", {"uri": f"exec:cat > {shlex.quote(memory)}"})
-            await _migration_done(mon)
+            try:
+                await _migration_done(mon)
+            except OperationFailed as e:
+                # QEMU only sees its pipe break; say why when the file system is full.
+                free = shutil.disk_usage(folder).free
+                if free < 1 << 20:
+                    raise OperationFailed(
+                        f"{vm}: checkpoint memory state: no space left on device in "
+                        f"{folder} ({free} bytes free)") from e
+                raise
         finally:
             if resume:
                 await mon.execute("cont")
@@ -323,13 +341,15 @@ class CheckpointService:
     # revert
 
     async def _revert(self, vm: str, cp: Checkpoint,
-                      progress: Callable[[float], None]) -> str:
+                      progress: Callable[[float], None]) -> tuple[str, RevertHow]:
+        """Revert; returns the VM's state and how it got there (the job result says it,
+        so that a client and the tests can tell an in-place load from a restart)."""
         row = self.store.get_vm(vm)
         if (row is not None and row.state in _ACTIVE and cp.method == "internal"
                 and cp.with_memory and self._vm_spec(vm) == cp.spec):
             # Same device layout as at the checkpoint: load into the running QEMU.
             try:
-                return await self._load_in_place(vm, cp, progress)
+                return await self._load_in_place(vm, cp, progress), "in-place"
             except HVError as e:
                 log.info("%s: loading %s in place failed (%s); restarting QEMU", vm,
                          cp.name, e.message)
@@ -363,7 +383,7 @@ class CheckpointService:
         if not cp.with_memory:  # the VM stays off (a running one was ended above)
             self.store.update_vm(vm, last_error=None)
             await self._collect(vm)
-            return self._state(vm)
+            return self._state(vm), "disk-only"
         extra = ("-incoming", "defer") if memory else ()
         pid = await self.vms.launch_paused(vm, spec, extra)
         try:
@@ -386,7 +406,7 @@ class CheckpointService:
             raise
         self.store.update_vm(vm, state=VMState.RUNNING, pid=pid, last_error=None)
         await self._collect(vm)
-        return VMState.RUNNING
+        return VMState.RUNNING, "restarted"
 
     async def _load_in_place(self, vm: str, cp: Checkpoint,
                              progress: Callable[[float], None]) -> str:

@@ -32,6 +32,9 @@ from pydantic import BaseModel, ValidationError
 from hvagent.errors import Conflict, InvalidRequest, NotFound
 from hvagent.net import bridge
 from hvagent.vm import machine
+from hvagent.vm.files import normalize
+from hvagent.vm.files import resolve as resolve_file
+from hvagent.vm.limits import check_host_limits
 from hvagent.vm.qmp import Monitor
 from hvagent.vm.spec import DimmSpec, DiskFormat, DiskSpec, NicSpec, PendingUnplug, VMSpec
 
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 
 DIMM_STEP_MIB = 128  # Linux onlines hot-added memory in 128 MiB blocks
 DEFAULT_UNPLUG_TIMEOUT = 10.0
-_ACTIVE = ("running", "paused")
+_ACTIVE = ("running", "paused", "unresponsive")  # QEMU runs (VMService.ACTIVE)
 _EXT = {DiskFormat.QCOW2: "qcow2", DiskFormat.RAW: "raw", DiskFormat.VPC: "vhd",
         DiskFormat.VHDX: "vhdx"}
 
@@ -273,12 +276,16 @@ class DeviceService:
             if memory_mib > spec.max_memory_mib:
                 raise Conflict(f"max_memory_mib: {memory_mib} MiB is above the VM's maximum "
                                f"of {spec.max_memory_mib} MiB")
+            check_host_limits(spec.model_copy(update={"memory_mib": memory_mib}),
+                              self.vms.files(name).qmp)
             if mon is None:  # stopped: the boot memory changes
                 if memory_mib - (spec.memory_mib - spec.boot_memory_mib) < 16:
                     raise InvalidRequest(f"memory_mib: {memory_mib} MiB leaves less than "
                                          "16 MiB of boot memory beside the DIMMs")
-                return await self._commit(name, spec, _with(spec, memory_mib=memory_mib),
-                                          "done", f"memory set to {memory_mib} MiB")
+                new = _with(spec, memory_mib=memory_mib)
+                self.vms.admission.admit(new, previous=spec)
+                return await self._commit(name, spec, new, "done",
+                                          f"memory set to {memory_mib} MiB")
             await self._reconcile_locked(name, mon)
             spec = self._spec(name)
             delta = memory_mib - spec.memory_mib
@@ -335,6 +342,8 @@ class DeviceService:
             if vcpus > spec.max_vcpus:
                 raise Conflict(f"max_vcpus: {vcpus} vCPUs is above the VM's maximum of "
                                f"{spec.max_vcpus}")
+            check_host_limits(spec.model_copy(update={"vcpus": vcpus}),
+                              self.vms.files(name).qmp)
             if mon is None:
                 new = _with(spec, vcpus=vcpus, hot_vcpus=min(spec.hot_vcpus, vcpus - 1))
                 self.vms.admission.admit(new, previous=spec)
@@ -402,7 +411,8 @@ class DeviceService:
         mon = await self._monitor_if_active(name)
         with self.vms.locks.hold(name, "detach-disk"):
             spec = self._spec(name)
-            want = str(self.vms._storage_path(path, "path"))
+            # Only matched against this VM's own disks: nothing to confine or own.
+            want = str(normalize(self.vms.storage_dir, path))
             matches = [i for i, d in enumerate(spec.disks) if d.path == want]
             if not matches:
                 raise NotFound(f"{name}: no disk {path}")
@@ -605,15 +615,12 @@ class DeviceService:
         return Change(status=status, detail=detail, vm=info)  # type: ignore[arg-type]
 
     async def _resolve_disk(self, spec: VMSpec, disk: DiskSpec, created: list[Path]) -> DiskSpec:
-        """An existing image inside the storage directory, or a new one created there."""
+        """An existing image the caller may use (hvagent.vm.files), or a new one created
+        in the storage directory."""
         where = "disk"
         svc = self.vms
         if disk.path is not None:
-            path = svc._storage_path(disk.path, f"{where}.path")
-            if not path.is_file():
-                raise InvalidRequest(f"{where}.path: {disk.path}: no such file")
-            if any(d.path == str(path) for d in spec.disks):
-                raise Conflict(f"{where}.path: {path} is already attached to {spec.name}")
+            path = resolve_file(svc, disk.path, f"{where}.path", "disk", spec.name)
             found = await svc.disk_format(path, f"{where}.path")
             if disk.format is not None and found != disk.format:
                 raise InvalidRequest(f"{where}.format: {disk.path} is {found}, not {disk.format}")

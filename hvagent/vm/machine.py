@@ -5,8 +5,9 @@ image files themselves (format, creation) belong to hvagent.disk.image.
 QEMU runs with -daemonize: the launching process returns once QEMU is set up (so start
 errors come back synchronously) and the VM belongs to no agent process, so it survives
 an agent restart. -no-shutdown keeps QEMU alive after the guest powers off, so the agent
-tells a clean guest power-off (status "shutdown") from a crash (process gone) even when
-the power-off happened while the agent was down.
+tells a clean guest power-off (status "shutdown") from a crash (process gone, or status
+"guest-panicked" through the pvpanic device) even when it happened while the agent was
+down.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str]) -> list[s
         "-pidfile", str(files.pidfile),
         "-serial", f"file:{files.serial_log}",
         "-daemonize", "-no-shutdown",
+        # A guest kernel panic reaches QEMU (status guest-panicked, the guest kept
+        # paused by -no-shutdown), so the agent reports a crash instead of a VM that
+        # looks running.
+        "-device", "pvpanic",
     ]
     for i in range(spec.hotplug_ports):
         cmd += ["-device", f"pcie-root-port,id=hp{i},chassis={i + 1},bus=pcie.0"]

@@ -3,6 +3,10 @@
 The agent holds the connection (QEMU's QMP socket serves one client at a time) and
 hands guest events and the loss of the connection to callbacks, so the service notices
 a guest power-off or a QEMU that died without being polled.
+
+Every connect and every command has a deadline (QMP_TIMEOUT): a monitor that does not
+answer (another client holds the socket, QEMU is stopped or wedged) raises
+MonitorUnresponsive instead of blocking the agent.
 """
 
 from __future__ import annotations
@@ -22,9 +26,18 @@ log = logging.getLogger(__name__)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
+# QEMU answers a command in milliseconds (long work runs as jobs with events), so a
+# monitor silent this long is not going to answer: the one deadline for QMP. Generous,
+# because a TCG host under load can stall a healthy QEMU for seconds.
+QMP_TIMEOUT = 15.0
+
 
 class MonitorGone(OperationFailed):
     """The QMP connection is closed (QEMU exited or is exiting)."""
+
+
+class MonitorUnresponsive(OperationFailed):
+    """QEMU's monitor did not answer within QMP_TIMEOUT (the process may still run)."""
 
 
 class Monitor:
@@ -41,14 +54,22 @@ class Monitor:
     def connected(self) -> bool:
         return self._client.runstate.name == "RUNNING"
 
-    async def connect(self, path: Path, timeout: float = 10.0) -> None:
-        """Connect, retrying while QEMU is still creating its socket."""
+    async def connect(self, path: Path, timeout: float = QMP_TIMEOUT) -> None:
+        """Connect, retrying while QEMU is still creating its socket; at most `timeout`
+        seconds in all (QEMU's chardev serves one client: while another holds it, our
+        connection is queued and no greeting ever comes)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             try:
-                await self._client.connect(str(path))
+                await asyncio.wait_for(self._client.connect(str(path)),
+                                       max(deadline - loop.time(), 0.01))
                 break
+            except TimeoutError as e:
+                await self._reset()
+                raise MonitorUnresponsive(
+                    f"{self.name}: QMP at {path} did not answer within {timeout:g}s "
+                    "(another client may hold the monitor, or QEMU is stuck)") from e
             except ConnectError as e:
                 if loop.time() >= deadline:
                     raise OperationFailed(
@@ -59,9 +80,14 @@ class Monitor:
             asyncio.create_task(self._watch_connection()),
         ]
 
-    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float = QMP_TIMEOUT) -> Any:
         try:
-            return await self._client.execute(cmd, args)
+            return await asyncio.wait_for(self._client.execute(cmd, args), timeout)
+        except TimeoutError as e:
+            # The connection stays: a late answer is dropped by its unknown id.
+            raise MonitorUnresponsive(
+                f"{self.name}: QMP did not answer {cmd} within {timeout:g}s") from e
         except ExecuteError as e:
             raise OperationFailed(f"{self.name}: {cmd}: {e}") from e  # str(e) is QEMU's desc
         except (QMPError, EOFError, OSError) as e:  # disconnected, before or during
@@ -72,14 +98,18 @@ class Monitor:
         return str((await self.execute("query-status"))["status"])
 
     async def close(self) -> None:
+        """Disconnect; bounded, as a stuck QEMU may never read what is still queued."""
         self._closing = True
         for t in self._tasks:
             t.cancel()
-        with contextlib.suppress(Exception):
-            await self._client.disconnect()
+        await self._reset()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+                await asyncio.wait_for(t, QMP_TIMEOUT)
+
+    async def _reset(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.disconnect(), QMP_TIMEOUT)
 
     async def _watch_events(self) -> None:
         async for event in self._client.events:

@@ -29,13 +29,20 @@ from hvagent.policy import Admission
 from hvagent.store import Store, VMRow
 from hvagent.vm import devices, machine
 from hvagent.vm.accel import AccelChoice, choose_accel
+from hvagent.vm.files import resolve as resolve_file
+from hvagent.vm.limits import check_host_limits
 from hvagent.vm.machine import VMFiles
 from hvagent.vm.qmp import Monitor, MonitorGone
 from hvagent.vm.spec import DiskFormat, DiskSpec, VMSpec, VMState
 
 log = logging.getLogger(__name__)
 
-ACTIVE = (VMState.RUNNING, VMState.PAUSED)
+# QEMU runs (so: no start, no delete, no offline disk edit); of these, only the
+# ANSWERING ones take QMP commands. An unresponsive VM can still be stopped (killed).
+ANSWERING = (VMState.RUNNING, VMState.PAUSED)
+ACTIVE = (*ANSWERING, VMState.UNRESPONSIVE)
+# How often the monitor of an unresponsive VM is tried again in the background.
+PROBE_INTERVAL = 1.0
 DEFAULT_STOP_TIMEOUT = 60.0
 QUIT_TIMEOUT = 5.0
 CRASH_LOG_LINES = 20
@@ -90,6 +97,7 @@ class VMService:
         self._monitors: dict[str, Monitor] = {}
         self._accel: AccelChoice | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._probing: set[str] = set()  # unresponsive VMs a background probe retries
         self.storage_dir = config.storage_dir.resolve()
         # Host policy (quotas, disk formats, VLANs, nested virt); the app sets the real one.
         self.admission = Admission()
@@ -107,17 +115,17 @@ class VMService:
         failed = self.jobs.recover()
         if failed:
             log.info("marked %d interrupted jobs failed", failed)
-        for row in self.store.list_vms():
-            await self._observe(row)
+        # All at once: a VM whose monitor does not answer costs one QMP deadline, not N.
+        await asyncio.gather(*(self._observe_quietly(r.name) for r in self.store.list_vms()))
         for hook in self.startup_hooks:
             await hook()
 
     async def shutdown(self) -> None:
-        """Drop QMP connections; the VMs keep running."""
+        """Drop QMP connections; the VMs keep running. Bounded: each close is."""
         for t in list(self._background):
             t.cancel()
-        for name in list(self._monitors):
-            await self._drop_monitor(name)
+        await asyncio.gather(*(self._drop_monitor(n) for n in list(self._monitors)),
+                             return_exceptions=True)
 
     @property
     def accel(self) -> AccelChoice:
@@ -134,7 +142,8 @@ class VMService:
     # queries
 
     async def list(self) -> list[VMInfo]:
-        return [self._info(await self._observe(r)) for r in self.store.list_vms()]
+        rows = await asyncio.gather(*(self._observe(r) for r in self.store.list_vms()))
+        return [self._info(r) for r in rows]
 
     async def get(self, name: str) -> VMInfo:
         return self._info(await self._observe(self._row(name)))
@@ -147,7 +156,7 @@ class VMService:
         """The QMP connection of a running VM (for device/checkpoint services)."""
         row = await self._observe(self._row(name))
         mon = self._monitors.get(name)
-        if row.state not in ACTIVE or mon is None:
+        if row.state not in ANSWERING or mon is None:
             raise Conflict(f"{name}: not running (state {row.state})")
         return mon
 
@@ -158,6 +167,7 @@ class VMService:
             if self.store.get_vm(spec.name) is not None:
                 raise Conflict(f"{spec.name}: a VM with this name already exists")
             self.admission.admit(spec)  # before anything is made
+            check_host_limits(spec, self.files(spec.name).qmp)
             # `list` alone would name the method below (mypy resolves it in class scope).
             created: builtins.list[Path] = []
             files = self.files(spec.name)
@@ -180,6 +190,8 @@ class VMService:
             if row.state in ACTIVE:
                 raise Conflict(f"{name}: already {row.state}")
             spec = VMSpec.model_validate_json(row.spec)
+            # Again at start: the VM may predate the limits, or the host may have shrunk.
+            check_host_limits(spec, self.files(name).qmp)
             settled = devices.settle_pending(spec)  # unplugs the guest never completed
             if settled != spec:
                 self.store.update_vm(name, spec=settled.model_dump_json())
@@ -250,12 +262,17 @@ class VMService:
             row = await self._observe(self._row(name), locked=True)
             if row.state not in ACTIVE:
                 raise Conflict(f"{name}: not running (state {row.state})")
+            unresponsive = row.state == VMState.UNRESPONSIVE
+            if unresponsive:
+                await self._drop_monitor(name)  # its commands would only time out: kill
             mon = self._monitors.get(name)
             graceful = False
             if not force and mon is not None:
                 graceful = await self._powerdown(name, row, mon, timeout)
             await self._quit(name, row.pid)
             note = None if graceful or force else f"forced off after {timeout:g}s"
+            if unresponsive and not force:
+                note = "forced off: its QMP monitor did not answer"
             self.store.update_vm(name, state=VMState.STOPPED, pid=None, last_error=note)
         return await self.get(name)
 
@@ -268,7 +285,7 @@ class VMService:
     async def reset(self, name: str) -> VMInfo:
         with self.locks.hold(name, "reset"):
             row = await self._observe(self._row(name), locked=True)
-            if row.state not in ACTIVE:
+            if row.state not in ANSWERING:
                 raise Conflict(f"{name}: not running (state {row.state})")
             await self._mon(name).execute("system_reset")
         return await self.get(name)
@@ -327,20 +344,20 @@ class VMService:
         return await self.get(name)
 
     async def _resolve(self, spec: VMSpec, created: builtins.list[Path]) -> VMSpec:
-        """Check every file the spec names and create its new disks (recorded in
-        `created` as they appear, so the caller can remove them on failure)."""
+        """Check every file the spec names (hvagent.vm.files: confined, and the caller's
+        to use; recorded resolved) and create its new disks (recorded in `created` as they
+        appear, so the caller can remove them on failure)."""
+        boot: dict[str, str] = {}
         for field in ("kernel", "initrd"):
             value = getattr(spec, field)
-            if value is not None and not Path(value).is_file():
-                raise InvalidRequest(f"{field}: {value}: no such file")
+            if value is not None:
+                boot[field] = str(resolve_file(self, value, field, "boot", spec.name))
         disks: list[DiskSpec] = []
         seen: set[Path] = set()
         for i, d in enumerate(spec.disks):
             where = f"disks[{i}]"
             if d.path is not None:
-                path = self._storage_path(d.path, where)
-                if not path.is_file():
-                    raise InvalidRequest(f"{where}.path: {d.path}: no such file")
+                path = resolve_file(self, d.path, f"{where}.path", "disk", spec.name)
                 found = await self.disk_format(path, f"{where}.path")
                 if d.format is not None and found != d.format:
                     raise InvalidRequest(
@@ -360,7 +377,7 @@ class VMService:
             if path in seen:
                 raise InvalidRequest(f"{where}.path: {path} is attached twice")
             seen.add(path)
-        return spec.model_copy(update={"disks": disks})
+        return spec.model_copy(update={"disks": disks, **boot})
 
     async def disk_format(self, path: Path, where: str) -> DiskFormat:
         """The format of an existing image (from its own magic, so a fixed VHD is not
@@ -379,15 +396,10 @@ class VMService:
         try:
             await asyncio.to_thread(image.create, path, image.ImageFormat.from_qemu(fmt), size)
         except DiskError as e:
+            if "No space left on device" in str(e):  # a host limit, not a host failure
+                raise InvalidRequest(f"{where}: no space left on device for {path} "
+                                     f"({size} bytes): {e}") from e
             raise OperationFailed(f"{where}: cannot create {path}: {e}") from e
-
-    def _storage_path(self, value: str, where: str) -> Path:
-        p = Path(value)
-        path = (p if p.is_absolute() else self.storage_dir / p).resolve()
-        if not path.is_relative_to(self.storage_dir):
-            raise InvalidRequest(
-                f"{where}.path: {value} is outside the storage directory {self.storage_dir}")
-        return path
 
     async def _attach(self, name: str, files: VMFiles) -> None:
         await self._drop_monitor(name)
@@ -424,14 +436,21 @@ class VMService:
         except HVError as e:
             log.warning("%s: %s", name, e.message)
 
-    async def _observe(self, row: VMRow, locked: bool = False) -> VMRow:
+    async def _observe(self, row: VMRow, locked: bool = False,
+                       probing: bool = False) -> VMRow:
         """Bring the recorded state in line with what QEMU really does. While another
-        operation runs on the VM (and the caller is not that operation) it only reports."""
+        operation runs on the VM (and the caller is not that operation) it only reports.
+        A live QEMU whose monitor does not answer is `unresponsive` until it answers."""
         name = row.name
-        if not locked and self.locks.current(name) is not None:
+        if not locked and not probing and self.locks.current(name) is not None:
             return row
         files = self.files(name)
         state = VMState(row.state)
+        if state == VMState.UNRESPONSIVE and name in self._probing and not probing:
+            # The background probe retries the monitor; here only ask whether QEMU lives,
+            # so list/get answer at once.
+            if machine.is_alive(row.pid, files):
+                return row
         if state not in ACTIVE:
             pid = machine.read_pid(files)
             if not machine.is_alive(pid, files):
@@ -456,7 +475,14 @@ class VMService:
         except (MonitorGone, OperationFailed) as e:
             if not machine.is_alive(row.pid, files):
                 return await self._observe(row, locked)
-            self.store.update_vm(name, last_error=str(e))
+            await self._drop_monitor(name)
+            if state != VMState.UNRESPONSIVE:
+                log.warning("%s: unresponsive: %s", name, e)
+            self.store.update_vm(name, state=VMState.UNRESPONSIVE,
+                                 last_error=f"QMP monitor does not answer: {e}")
+            if name not in self._probing:
+                self._probing.add(name)
+                self._spawn(self._probe(name))
             return self._row(name)
         if status == "shutdown":
             # The guest powered itself off; QEMU waits (-no-shutdown) for us to end it.
@@ -475,9 +501,28 @@ class VMService:
                 + machine.tail(files.serial_log, CRASH_LOG_LINES)))
         else:
             new = VMState.RUNNING if status == "running" else VMState.PAUSED
-            if new != state:
+            if state == VMState.UNRESPONSIVE:
+                log.info("%s: monitor answers again (%s)", name, new)
+                self.store.update_vm(name, state=new, last_error=None)
+            elif new != state:
                 self.store.update_vm(name, state=new)
         return self._row(name)
+
+    async def _probe(self, name: str) -> None:
+        """Try an unresponsive VM's monitor again until it answers or QEMU is gone."""
+        try:
+            while True:
+                await asyncio.sleep(PROBE_INTERVAL)
+                row = self.store.get_vm(name)
+                if row is None or row.state != VMState.UNRESPONSIVE:
+                    return
+                if self.locks.current(name) is None:
+                    try:
+                        await self._observe(row, probing=True)
+                    except HVError as e:
+                        log.warning("%s: %s", name, e.message)
+        finally:
+            self._probing.discard(name)
 
     async def _powerdown(self, name: str, row: VMRow, mon: Monitor, timeout: float) -> bool:
         """ACPI power button; True when the guest powered off within `timeout`."""
@@ -499,11 +544,14 @@ class VMService:
         """End QEMU: `quit` over QMP, SIGKILL if it is still there after QUIT_TIMEOUT."""
         files = self.files(name)
         mon = self._monitors.get(name)
+        asked = False
         if mon is not None:
             with contextlib.suppress(MonitorGone, OperationFailed):
                 await mon.execute("quit")
+                asked = True
         await self._drop_monitor(name)
-        deadline = time.monotonic() + QUIT_TIMEOUT
+        # Only a QEMU that took `quit` gets time to exit; else SIGKILL at once.
+        deadline = time.monotonic() + (QUIT_TIMEOUT if asked else 0)
         while machine.is_alive(pid, files) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if pid and machine.is_alive(pid, files):

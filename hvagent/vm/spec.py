@@ -6,12 +6,30 @@ from __future__ import annotations
 import random
 import re
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# VM names become file names (disks, logs, the QMP socket under run_dir) and appear in
+# QEMU's command line: ASCII letters, digits and `_.-`, starting with a letter or digit,
+# at most 63 characters (a DNS label, so a name can also be a host name). Non-ASCII
+# names are refused: they would be file names whose byte length (sun_path!) differs from
+# their length in characters. The agent may refuse a long name at create when its
+# run_dir is long (hvagent.vm.limits: the QMP socket path must fit sun_path).
+NAME_MAX = 63
+NAME_RE = rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}$"
+NAME_RULE = (f"1 to {NAME_MAX} characters of A-Z a-z 0-9 _ . - (ASCII), starting with a "
+             "letter or digit")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # Pre-created pcie-root-ports: the slots later hot-adds (disks, NICs) plug into.
@@ -20,6 +38,86 @@ DEFAULT_MEMORY_SLOTS = 8
 # q35's built-in ICH9 AHCI controller has six ports (QEMU buses ide.0 .. ide.5).
 AHCI_PORTS = 6
 
+# QEMU's own maxima for the machine the agent builds (q35, QEMU 7.2), independent of
+# the host (the host's limits are hvagent.vm.limits):
+# - vCPUs: q35 accepts 288, but above 255 APIC ids need x2APIC with interrupt
+#   remapping (an intel-iommu), which the agent does not configure: 255.
+# - memory: the default CPU models have 40 physical address bits (1 TiB of guest
+#   physical space), which must hold RAM, the 32-bit PCI hole and the hotplug region
+#   (maxmem - RAM, plus 1 GiB alignment per memory slot): 512 GiB of RAM/maxmem fits
+#   with all 256 slots.
+# - memory slots: 256 (ACPI_MAX_RAM_SLOTS; QEMU: "unsupported amount of memory slots").
+MAX_VCPUS = 255
+MAX_MEMORY_MIB = 512 * 1024
+MIN_MEMORY_MIB = 16
+MAX_MEMORY_SLOTS = 256
+MAX_HOTPLUG_PORTS = 32
+# Largest virtual disk per format (qemu-img create refuses more): qcow2 with its default
+# 64 KiB clusters 2 PiB (QCOW_MAX_L1_SIZE); VHD 2040 GiB (VHD_MAX_SECTORS); VHDX 64 TiB;
+# raw is a plain file, bounded by the file system: ext4's 16 TiB - 4 KiB.
+MAX_DISK_BYTES = {"qcow2": 1 << 51, "vpc": 2040 << 30, "vhdx": 64 << 40,
+                  "raw": (16 << 40) - 4096}
+MAX_ANY_DISK_BYTES = max(MAX_DISK_BYTES.values())
+
+# Host paths in requests (disk images, kernel, initrd): non-empty, no NUL or other
+# control character, each component at most NAME_MAX_BYTES bytes in UTF-8 and the
+# whole at most PATH_MAX_CHARS characters (4 bytes each stays below Linux's PATH_MAX).
+PATH_MAX_CHARS = 1000
+NAME_MAX_BYTES = 255
+# Each component at most 255 characters: the schema's measure; the validator also
+# counts its UTF-8 bytes (BYTE_LENGTH), which no JSON schema can state.
+PATH_PATTERN = r"^(?:/|[^/\x00-\x1f\x7f]{1,255})+$"
+APPEND_MAX_CHARS = 2048  # the x86 kernel's COMMAND_LINE_SIZE
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
+
+# The error type of a rule across fields, which a JSON schema cannot state: the models'
+# descriptions state them; the API answers them 422 like every schema violation.
+CROSS_FIELD = "cross_field"
+# The error type of a length in bytes (the schema counts characters).
+BYTE_LENGTH = "byte_length"
+
+
+def cross_field(message: str) -> PydanticCustomError:
+    return PydanticCustomError(CROSS_FIELD, message.replace("{", "(").replace("}", ")"))
+
+
+def check_path(v: str) -> str:
+    if not v:
+        raise ValueError("must not be empty")
+    bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"contains the control character {bad!r}; paths have none")
+    try:
+        raw = v.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError("is not valid Unicode (lone surrogate)") from e
+    if any(len(part) > NAME_MAX_BYTES for part in raw.split(b"/")):
+        raise PydanticCustomError(
+            BYTE_LENGTH, f"has a component longer than {NAME_MAX_BYTES} bytes (UTF-8)")
+    return v
+
+
+HostPath = Annotated[str, Field(
+    min_length=1, max_length=PATH_MAX_CHARS,
+    json_schema_extra={"pattern": PATH_PATTERN},
+    description=(f"a host path: no control characters, at most {PATH_MAX_CHARS} "
+                 f"characters, each component at most {NAME_MAX_BYTES} bytes in UTF-8 "
+                 "(else 422)")), AfterValidator(check_path)]
+
+
+def check_name(v: str) -> str:
+    if not re.fullmatch(NAME_RE.removesuffix("$"), v):
+        shown = repr(v) if len(v) <= 80 else repr(v[:77]) + "..."
+        raise ValueError(f"{shown} is not a valid name: {NAME_RULE}")
+    return v
+
+
+# The pattern is in the schema; the validator gives the one clear message.
+Name = Annotated[str, Field(
+    json_schema_extra={"pattern": NAME_RE, "minLength": 1, "maxLength": NAME_MAX},
+    description=NAME_RULE), AfterValidator(check_name)]
+
 
 class VMState(StrEnum):
     DEFINED = "defined"  # created, never started
@@ -27,6 +125,7 @@ class VMState(StrEnum):
     PAUSED = "paused"
     STOPPED = "stopped"
     CRASHED = "crashed"  # QEMU died without being asked to
+    UNRESPONSIVE = "unresponsive"  # QEMU runs but its QMP monitor does not answer
 
 
 class Firmware(StrEnum):
@@ -62,8 +161,10 @@ class DiskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str | None = None
-    size: int | None = Field(default=None, gt=0, description="bytes; for a new disk")
+    path: HostPath | None = None
+    size: int | None = Field(default=None, gt=0, le=MAX_ANY_DISK_BYTES, description=(
+        "bytes (or a string: 512M, 10G); for a new disk. Largest per format: "
+        + ", ".join(f"{k} {v}" for k, v in MAX_DISK_BYTES.items()) + " (else 422)"))
     format: DiskFormat | None = None
     created: bool = Field(default=False, description="the agent created it (and owns it)")
     slot: int | None = Field(default=None, ge=0, description=(
@@ -83,14 +184,22 @@ class DiskSpec(BaseModel):
         return parse_size(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
+    def _size_fits_format(self) -> DiskSpec:
+        fmt = str(self.format or DiskFormat.QCOW2)
+        if self.size is not None and not self.created and self.size > MAX_DISK_BYTES[fmt]:
+            raise cross_field(f"size: {self.size} bytes is above the largest {fmt} disk "
+                             f"({MAX_DISK_BYTES[fmt]} bytes)")
+        return self
+
+    @model_validator(mode="after")
     def _path_or_size(self) -> DiskSpec:
         if self.created:  # a disk the agent made records both
             if self.path is None:
-                raise ValueError("a created disk needs its path")
+                raise cross_field("a created disk needs its path")
         elif (self.path is None) == (self.size is None):
-            raise ValueError("give exactly one of path (existing image) or size (new disk)")
+            raise cross_field("give exactly one of path (existing image) or size (new disk)")
         if self.bus == "sata" and self.slot is not None:
-            raise ValueError("a sata disk cannot be hot-attached (only virtio disks can)")
+            raise cross_field("a sata disk cannot be hot-attached (only virtio disks can)")
         return self
 
 
@@ -103,7 +212,8 @@ class NicSpec(BaseModel):
     vlan: int | None = Field(default=None, ge=1, le=4094, description=(
         "VLAN id (1..4094) of a bridge NIC; NICs on the same VLAN share one L2 segment"))
     model: Literal["virtio-net-pci"] = "virtio-net-pci"
-    mac: str = Field(default_factory=lambda: random_mac())
+    mac: str = Field(default_factory=lambda: random_mac(),
+                     json_schema_extra={"pattern": MAC_PATTERN})
     slot: int | None = Field(default=None, ge=0, description=(
         "hotplug port it sits on (hot-added, so hot-removable); None: fixed at boot"))
 
@@ -117,9 +227,9 @@ class NicSpec(BaseModel):
     @model_validator(mode="after")
     def _vlan_iff_bridge(self) -> NicSpec:
         if self.network == "bridge" and self.vlan is None:
-            raise ValueError("a bridge NIC needs a vlan (1..4094)")
+            raise cross_field("a bridge NIC needs a vlan (1..4094)")
         if self.network == "user" and self.vlan is not None:
-            raise ValueError("a user-mode NIC has no VLAN (use network: bridge)")
+            raise cross_field("a user-mode NIC has no VLAN (use network: bridge)")
         return self
 
     @field_validator("mac")
@@ -136,8 +246,8 @@ class DimmSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    slot: int = Field(ge=0)
-    size_mib: int = Field(ge=128)
+    slot: int = Field(ge=0, lt=MAX_MEMORY_SLOTS)
+    size_mib: int = Field(ge=128, le=MAX_MEMORY_MIB)
 
 
 class PendingUnplug(BaseModel):
@@ -157,27 +267,44 @@ def random_mac() -> str:
 
 
 class VMSpec(BaseModel):
+    """A VM. Rules across fields (each broken one answers 422 naming it): vcpus <=
+    max_vcpus; memory_mib <= max_memory_mib; max_memory_mib above memory_mib needs
+    memory_slots >= 1; initrd and append need kernel; hot_vcpus < vcpus; dimms add up to
+    less than memory_mib - 16, on distinct slots below memory_slots; disk and NIC slots
+    distinct and below hotplug_ports; at most 6 sata disks; distinct NIC MACs; a disk
+    has exactly one of path and size, and a new disk's size fits its format."""
+
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_RE)
-    vcpus: int = Field(default=1, ge=1, le=255)
-    max_vcpus: int | None = Field(default=None, ge=1, le=255)
-    memory_mib: int = Field(default=512, ge=16)
-    max_memory_mib: int | None = Field(default=None, ge=16)
-    memory_slots: int | None = Field(default=None, ge=0, le=256)
+    name: Name
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    max_vcpus: int | None = Field(default=None, ge=1, le=MAX_VCPUS)
+    memory_mib: int = Field(default=512, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    max_memory_mib: int | None = Field(default=None, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    memory_slots: int | None = Field(default=None, ge=0, le=MAX_MEMORY_SLOTS)
     firmware: Firmware = Firmware.BIOS
     disks: list[DiskSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     boot_order: list[BootDevice] = Field(default_factory=lambda: [BootDevice.DISK])
-    kernel: str | None = None
-    initrd: str | None = None
-    append: str | None = None
-    hotplug_ports: int = Field(default=DEFAULT_HOTPLUG_PORTS, ge=0, le=32)
+    kernel: HostPath | None = None
+    initrd: HostPath | None = None
+    append: str | None = Field(default=None, max_length=APPEND_MAX_CHARS,
+                               json_schema_extra={"pattern": TEXT_PATTERN},
+                               description="kernel command line (no control characters)")
+    hotplug_ports: int = Field(default=DEFAULT_HOTPLUG_PORTS, ge=0, le=MAX_HOTPLUG_PORTS)
     # Hot-added resources (hvagent.vm.devices). They are plugged again over QMP on every
     # start, before the guest runs, so that a checkpoint's device state always matches.
-    hot_vcpus: int = Field(default=0, ge=0, description="of `vcpus`, how many are hot-added")
+    hot_vcpus: int = Field(default=0, ge=0, lt=MAX_VCPUS,
+                           description="of `vcpus`, how many are hot-added")
     dimms: list[DimmSpec] = Field(default_factory=list, description="within `memory_mib`")
     pending_unplugs: list[PendingUnplug] = Field(default_factory=list)
+
+    @field_validator("append")
+    @classmethod
+    def _append(cls, v: str | None) -> str | None:
+        if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("contains a control character")
+        return v
 
     @property
     def boot_memory_mib(self) -> int:
@@ -188,35 +315,35 @@ class VMSpec(BaseModel):
         if self.max_vcpus is None:
             self.max_vcpus = self.vcpus
         if self.vcpus > self.max_vcpus:
-            raise ValueError(f"vcpus ({self.vcpus}) is above max_vcpus ({self.max_vcpus})")
+            raise cross_field(f"vcpus ({self.vcpus}) is above max_vcpus ({self.max_vcpus})")
         if self.max_memory_mib is None:
             self.max_memory_mib = self.memory_mib
         if self.memory_mib > self.max_memory_mib:
-            raise ValueError(
+            raise cross_field(
                 f"memory_mib ({self.memory_mib}) is above max_memory_mib "
                 f"({self.max_memory_mib})"
             )
         if self.memory_slots is None:
             self.memory_slots = DEFAULT_MEMORY_SLOTS if self.max_memory_mib > self.memory_mib else 0
         if self.max_memory_mib > self.memory_mib and self.memory_slots == 0:
-            raise ValueError("max_memory_mib above memory_mib needs memory_slots >= 1")
+            raise cross_field("max_memory_mib above memory_mib needs memory_slots >= 1")
         if (self.initrd or self.append) and not self.kernel:
-            raise ValueError("initrd and append need kernel")
+            raise cross_field("initrd and append need kernel")
         if self.hot_vcpus >= self.vcpus:
-            raise ValueError(f"hot_vcpus ({self.hot_vcpus}) must be below vcpus ({self.vcpus})")
+            raise cross_field(f"hot_vcpus ({self.hot_vcpus}) must be below vcpus ({self.vcpus})")
         if self.boot_memory_mib < 16:
-            raise ValueError("dimms add up to more than memory_mib")
+            raise cross_field("dimms add up to more than memory_mib")
         dimm_slots = [d.slot for d in self.dimms]
         if len(set(dimm_slots)) != len(dimm_slots) or any(
                 s >= self.memory_slots for s in dimm_slots):
-            raise ValueError("dimms: slots must be distinct and below memory_slots")
+            raise cross_field("dimms: slots must be distinct and below memory_slots")
         ports = [d.slot for d in self.disks if d.slot is not None] + [
             n.slot for n in self.nics if n.slot is not None]
         if len(set(ports)) != len(ports) or any(p >= self.hotplug_ports for p in ports):
-            raise ValueError("disk/NIC slots must be distinct and below hotplug_ports")
+            raise cross_field("disk/NIC slots must be distinct and below hotplug_ports")
         if sum(d.bus == "sata" for d in self.disks) > AHCI_PORTS:
-            raise ValueError(f"disks: at most {AHCI_PORTS} sata disks (AHCI ports)")
+            raise cross_field(f"disks: at most {AHCI_PORTS} sata disks (AHCI ports)")
         macs = [n.mac for n in self.nics]
         if len(set(macs)) != len(macs):
-            raise ValueError("two NICs have the same MAC address")
+            raise cross_field("two NICs have the same MAC address")
         return self

@@ -24,17 +24,30 @@ REPO = Path(__file__).resolve().parents[2]
 HVAGENT = [sys.executable, "-m", "hvagent.cli.hvagent"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where tiny_guest builds: known before it is built, so that every agent a test
+    starts can name it in its policy library (tinyguest.library())."""
+    tinyguest.session_dir = tmp_path_factory.getbasetemp() / tinyguest.BUILD_DIR
+    return tinyguest.session_dir
+
+
 @pytest.fixture(scope="session")
-def tiny_guest(tmp_path_factory: pytest.TempPathFactory) -> tinyguest.TinyGuest:
-    return tinyguest.build(tmp_path_factory.mktemp("tinyguest"))
+def tiny_guest(tiny_guest_dir: Path) -> tinyguest.TinyGuest:
+    tiny_guest_dir.mkdir(exist_ok=True)
+    return tinyguest.build(tiny_guest_dir)
 
 
 class Agent:
     """A running `hvagent serve` with its own directories and an HTTP client."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, library: list[str] | None = None) -> None:
         self.root = root
         self.config = root / "hvagent.yaml"
+        # The tiny guest's kernel and initrd are a library (default: the session's).
+        policy = root / "policy.yaml"
+        policy.write_text(json.dumps({"library": library if library is not None else
+                                      tinyguest.library()}))
         self.socket = root / "hv.sock"
         self.storage = root / "images"
         self.run_dir = root / "run"
@@ -42,7 +55,7 @@ class Agent:
         self.config.write_text(json.dumps({
             "listen": str(self.socket), "state_dir": str(root / "state"),
             "storage_dir": str(self.storage), "run_dir": str(self.run_dir),
-            "log_dir": str(self.log_dir), "accel": "auto",
+            "log_dir": str(self.log_dir), "accel": "auto", "policy": str(policy),
         }))
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
@@ -52,7 +65,7 @@ class Agent:
         """A fresh API token for `principal` with `role` on / (made by `hvagent token`)."""
         r = subprocess.run([*HVAGENT, "token", "--config", str(self.config), "--json",
                             "create", principal, "--role", role],
-                           capture_output=True, text=True, cwd=REPO, check=False)
+                           capture_output=True, text=True, cwd=REPO, check=False, timeout=120)
         assert r.returncode == 0, r.stderr
         return str(json.loads(r.stdout)["token"])
 
@@ -75,7 +88,7 @@ class Agent:
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

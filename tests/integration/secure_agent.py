@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import tinyguest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +40,9 @@ class SecureAgent:
         self.policy = root / "policy.yaml"
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
-        self.policy.write_text(yaml.safe_dump(policy or {}))
+        # The session's tiny guest is a library unless the test's policy names one.
+        self.policy.write_text(yaml.safe_dump({
+            "library": tinyguest.library(), **(policy or {})}))
         self.config.write_text(json.dumps({
             "listen": str(self.socket), "state_dir": str(self.state),
             "storage_dir": str(root / "images"), "run_dir": str(root / "run"),

@@ -138,9 +138,9 @@ def test_refused_hot_add_leaves_spec_and_vm_as_before(agent: Agent) -> None:
     agent.ok("POST", "/vms", json={"name": "other", "memory_mib": 64})
     agent.ok("POST", "/vms/owner/start")
     agent.ok("POST", "/vms/other/start")
-    # QEMU refuses an image another running VM has open (image locking).
+    # Another VM's disk: refused before QEMU is asked (hvagent.vm.files), even for root.
     r = agent.client.post("/vms/other/disks", json={"path": disk["path"]})
-    assert r.status_code == 500 and "lock" in r.json()["detail"], r.text
+    assert r.status_code == 409 and "in use: a disk of VM owner" in r.json()["detail"], r.text
     vm = agent.ok("GET", "/vms/other")
     assert vm["state"] == "running" and vm["spec"]["disks"] == []
     # nothing half-plugged stays behind: the same port takes the next disk

@@ -5,7 +5,9 @@ The cases are generated from the route table, so a new endpoint is covered the m
 it exists, and one without a declared privilege fails here. The expected answers come
 from the roles as the issue defines them (written out below, not read from the code
 under test). Requests target a VM and a job that do not exist, so an authorized request
-needs no QEMU and changes nothing: it gets 404/409/422, never 401/403.
+needs no QEMU and changes nothing: it gets 404/409/422, never 401/403. The same routes
+against real VMs of the caller and of other principals (no role, a grant on one VM, a
+custom role, the files a request may name) are in test_tenant_isolation.py.
 """
 
 from __future__ import annotations

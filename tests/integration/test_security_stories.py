@@ -4,6 +4,7 @@ socket, real SQLite, real QEMU for the power operations)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -53,6 +54,21 @@ def tokens(agent: SecureAgent) -> dict[str, str]:
         "auditor": agent.token("audrey", "Auditor")["token"],
         "watcher": agent.token("walt", "JobWatcher", path="/jobs")["token"],
     }
+
+
+@pytest.fixture(autouse=True)
+def no_vms_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts on an agent without VMs and makes what it needs, so that tests
+    do not depend on each other's order (the agent itself is shared by the module)."""
+    yield
+    if "agent" not in request.fixturenames:
+        return
+    a: SecureAgent = request.getfixturevalue("agent")
+    for vm in a.root_client.get("/vms").json():
+        if vm["state"] in ("running", "paused"):
+            a.root_client.post(f"/vms/{vm['name']}/stop", json={"force": True})
+        r = a.root_client.delete(f"/vms/{vm['name']}")
+        assert r.status_code == 200, r.text
 
 
 def _vm(name: str, **kw: Any) -> dict[str, Any]:
@@ -116,6 +132,9 @@ def test_auditor_reads_only(agent: SecureAgent, tokens: dict[str, str]) -> None:
             assert audrey.request(method, path, json=_vm("x")).status_code == 403
 
 
+UNKNOWN_JOB = "0123456789abcdef" * 2  # well-formed (32 hex digits), never issued
+
+
 def _finished_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
     """Poll a job as a client does until it leaves `running`."""
     deadline = time.monotonic() + 120
@@ -156,7 +175,7 @@ def test_jobs_and_vm_lists_follow_the_vm_they_concern(agent: SecureAgent,
         # gets the same answer: dave learns nothing about carol's work.
         assert r.json()["detail"] == (f"dave lacks VM.Audit on /vms/<target of job "
                                       f"{job['id']}>")
-        assert dave.get("/jobs/0123456789abcdef").status_code == 403
+        assert dave.get(f"/jobs/{UNKNOWN_JOB}").status_code == 403
         assert job["id"] not in {j["id"] for j in dave.get("/jobs").json()}
         assert "st-jobs" not in {vm["name"] for vm in dave.get("/vms").json()}
         assert dave.get("/jobs", params={"target": "st-jobs"}).json() == []
@@ -173,7 +192,7 @@ def test_jobs_and_vm_lists_follow_the_vm_they_concern(agent: SecureAgent,
     with agent.client(tokens["watcher"]) as walt:  # Sys.Audit on /jobs, no VM.Audit
         assert {j["id"] for j in walt.get("/jobs").json()} == all_jobs
         assert walt.get(f"/jobs/{job['id']}").status_code == 200
-        assert walt.get("/jobs/0123456789abcdef").status_code == 404
+        assert walt.get(f"/jobs/{UNKNOWN_JOB}").status_code == 404
         assert walt.get("/vms").status_code == 403
     # a denied read is audited with the job's real target
     denial = [e for e in agent.audit() if e["principal"] == "dave"
@@ -208,6 +227,7 @@ def test_quota_and_format_refusals_name_the_rule_and_create_nothing(
 
 def test_each_mutation_and_denial_is_audited_once(agent: SecureAgent,
                                                   tokens: dict[str, str]) -> None:
+    assert agent.root_client.post("/vms", json=_vm("st-root")).status_code == 201
     since = time.time()
     with agent.client(tokens["creator"]) as carol:
         assert carol.post("/vms", json=_vm("st-audit")).status_code == 201
@@ -215,7 +235,8 @@ def test_each_mutation_and_denial_is_audited_once(agent: SecureAgent,
         assert carol.post("/vms/st-root/reset").status_code == 403
     with agent.client("hvt_deadbeef_forged") as forged:
         assert forged.delete("/vms/st-audit").status_code == 401
-    entries = [e for e in agent.audit() if e["time"] >= since]
+    # (root's set-up above may be stamped at the end of its request, after `since`)
+    entries = [e for e in agent.audit() if e["time"] >= since and e["principal"] != "root"]
     seen = [(e["principal"], e["action"], e["target"], e["result"], e["status"])
             for e in entries]
     assert seen == [
@@ -230,6 +251,7 @@ def test_each_mutation_and_denial_is_audited_once(agent: SecureAgent,
 
 
 def test_audit_entries_cannot_be_changed_through_the_api(agent: SecureAgent) -> None:
+    assert agent.root_client.post("/vms", json=_vm("st-ro")).status_code == 201
     before = agent.audit()
     assert before
     for method in ("DELETE", "PUT", "PATCH", "POST"):
@@ -283,11 +305,19 @@ def test_hvctl_over_https_pins_the_ca(agent: SecureAgent, tokens: dict[str, str]
     r = _hvctl("--url", url, "--ca-fingerprint", agent.fingerprint(), "--token",
                tokens["auditor"], "--json", "vm", "list", env=env)
     assert r.returncode == 0, r.stderr
+    since = time.time()
+    with agent.client(tokens["creator"]) as carol:  # something to find in the audit log
+        assert carol.post("/vms", json=_vm("st-pin")).status_code == 201
     # pinned now: later calls need no fingerprint; the token may come from HVCTL_TOKEN
     r = _hvctl("--url", url, "--json", "audit", "--since", "1h",
                env={**env, "HVCTL_TOKEN": tokens["auditor"]})
     assert r.returncode == 0, r.stderr
-    assert '"principal": "carol"' in r.stdout or '"result"' in r.stdout
+    listed = json.loads(r.stdout)
+    assert [e for e in listed if e["time"] >= since] == [
+        e for e in agent.audit() if since <= e["time"] <= max(x["time"] for x in listed)]
+    assert [(e["principal"], e["action"], e["target"], e["result"], e["status"])
+            for e in listed if e["time"] >= since] == [
+        ("carol", "POST /api/v1/vms", "/vms", "ok", 201)]
     r = _hvctl("--url", url, "vm", "list", env=env)  # no token
     assert r.returncode == 2 and "HTTP 401" in r.stderr
     r = _hvctl("--url", url.replace("https", "http"), "vm", "list", env=env)

@@ -40,7 +40,7 @@ class NetnsAgent(SecureAgent):
     def links(self) -> dict[str, str | None]:
         """Interface name -> its bridge (master) inside the agent's namespace."""
         out = subprocess.run(["ip", "-n", self.netns, "-o", "link", "show"],
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True, timeout=60).stdout
         links: dict[str, str | None] = {}
         for line in out.splitlines():
             name = line.split(":")[1].strip().split("@")[0]
@@ -52,10 +52,10 @@ class NetnsAgent(SecureAgent):
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsAgent]:
     netns = f"hvt-vlan-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "netns", "add", netns], check=True, timeout=60)
     try:
         # The TLS listener binds 127.0.0.1 inside the namespace.
-        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=60)
         a = NetnsAgent(tmp_path_factory.mktemp("vlan"), netns)
         a.start()
         # Made after the start: grants stored while the agent runs count at once.
@@ -70,7 +70,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsAgent]:
                     a.root_client.post(f"/vms/{vm['name']}/stop", json={"force": True})
             a.stop()
     finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        subprocess.run(["ip", "netns", "del", netns], check=False, timeout=60)
 
 
 def _ours(links: dict[str, str | None]) -> dict[str, str | None]:

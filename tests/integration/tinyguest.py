@@ -9,6 +9,9 @@ Serial protocol (one line each, stable for tests to parse):
   `TINY-POWEROFF`                      when the ACPI power button was pressed, or after
                                        N state lines with `tiny_poweroff_after=N` on the
                                        kernel command line
+  `TINY-PANIC`                         then init exits (the kernel panics: "Attempted
+                                       to kill init"), after N state lines with
+                                       `tiny_panic_after=N` on the kernel command line
   `TINY-PING peer=IP ok|fail`          per peer and round with `tiny_ip=ADDR/PREFIX
                                        tiny_ping=IP,...` (eth0's address; peers to ping)
 With `tiny_disk_log` on the kernel command line, each state line is also written to the
@@ -16,6 +19,7 @@ first disk (/dev/vda, no file system) as 512-byte block number `counter`, synced
 disk holds shows how far the guest got (a disk revert drops the later blocks).
 Init onlines hot-added CPUs and memory blocks, and powers off on the ACPI power button
 (the `button` + `evdev` modules expose it as an input device; one event read = press).
+`pvpanic_mmio` drives QEMU's pvpanic device, so that a panic reaches the host.
 
 Use `append()` as the kernel command line. For memory hotplug pass
 `append(memory_hotplug=True)` (adds memhp_default_state=online_movable).
@@ -35,11 +39,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_CACHE = Path("/var/cache/corehost/kernel")
+# An agent takes a kernel or initrd only from its storage directory or a policy
+# `library`: the agents the tests start name the kernel cache and the directory the
+# session builds the guest in (`session_dir`, set by conftest) as their library.
+BUILD_DIR = "tinyguest"
+session_dir: Path | None = None
+
+
+def library(guest_dir: Path | None = None) -> list[str]:
+    """The policy `library` that lets an agent boot the tiny guest built in `guest_dir`
+    (default: the test session's)."""
+    d = guest_dir or session_dir
+    return [str(KERNEL_CACHE), *([str(d)] if d is not None else [])]
 BUSYBOX = Path("/bin/busybox")
 # Modules the guest needs, dependencies are resolved from the modules themselves.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev",
+                  "pvpanic_mmio")
 BOOT_MARKER = "TINY-BOOT ok"
 POWEROFF_MARKER = "TINY-POWEROFF"
+PANIC_MARKER = "TINY-PANIC"
 PING_RE = re.compile(r"TINY-PING peer=(?P<peer>[0-9.]+) (?P<result>ok|fail)")
 STATE_RE = re.compile(
     r"TINY cpus=(?P<cpus>\d+) memkb=(?P<memkb>\d+) disks=(?P<disks>\S*) "
@@ -105,6 +123,8 @@ disklog=""
 case " $(cat /proc/cmdline) " in *" tiny_disk_log "*) disklog=1 ;; esac
 # tiny_poweroff_after=N on the kernel command line: power off after N state lines.
 poweroff_after=$(sed -n 's/.*tiny_poweroff_after=\([0-9]*\).*/\1/p' /proc/cmdline)
+# tiny_panic_after=N: init exits after N state lines, which panics the kernel.
+panic_after=$(sed -n 's/.*tiny_panic_after=\([0-9]*\).*/\1/p' /proc/cmdline)
 
 join() { tr '\n' ',' | sed 's/,$//'; }
 counter=0
@@ -126,6 +146,10 @@ while true; do
     echo "TINY-POWEROFF"
     sync
     poweroff -f
+  fi
+  if [ -n "$panic_after" ] && [ "$counter" -ge "$panic_after" ]; then
+    echo "TINY-PANIC"
+    exit 1
   fi
   sleep 0.5
 done
@@ -239,7 +263,7 @@ def build(dest: Path, cache: Path = KERNEL_CACHE) -> TinyGuest:
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         cpio = subprocess.run(
             ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input="\n".join(files).encode(),
-            stdout=subprocess.PIPE, check=True,
+            stdout=subprocess.PIPE, check=True, timeout=60,
         ).stdout
         initrd = dest / "tiny-initrd.gz"
         tmp = initrd.with_suffix(".tmp")

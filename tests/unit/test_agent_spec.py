@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from hvagent.vm.machine import VMFiles, build_command
-from hvagent.vm.spec import DiskSpec, VMSpec, parse_size
+from hvagent.vm.spec import NAME_RE, DiskSpec, VMSpec, parse_size
 
 FILES = VMFiles.for_vm("v", Path("/run/x"), Path("/log/x"), Path("/state/x"))
 TCG = ["-accel", "tcg"]
@@ -35,7 +35,7 @@ def test_defaults_fill_limits() -> None:
     ({"disks": [{"size": "1X"}]}, "not a size"),
     ({"nics": [{"mac": "zz:00:00:00:00:00"}]}, "not a MAC"),
     ({"nics": [{"network": "br0"}]}, "'user'"),
-    ({"name": "a b"}, "String should match pattern"),
+    ({"name": "a b"}, "is not a valid name"),
 ])
 def test_bad_specs(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError) as e:
@@ -83,3 +83,57 @@ def test_uefi_uses_a_per_vm_variable_store() -> None:
         "if=pflash,format=raw,unit=1,file=/state/x/vms/v/OVMF_VARS.fd",
     ]
     assert "-m" in cmd and _arg(cmd, "-m") == ["512M"]
+
+
+# limits and hostile input (schema level; the host's limits: tests/integration)
+
+@pytest.mark.parametrize("fields, field", [
+    ({"memory_mib": 10**23}, "memory_mib"),
+    ({"max_memory_mib": 512 * 1024 + 1}, "max_memory_mib"),
+    ({"vcpus": 2**64}, "vcpus"),
+    ({"memory_slots": 257}, "memory_slots"),
+    ({"disks": [{"size": "99999T"}]}, "size"),
+    ({"disks": [{"size": (2040 << 30) + 512, "format": "vhd"}]}, "largest vpc disk"),
+    ({"disks": [{"size": (64 << 40) + 512, "format": "vhdx"}]}, "largest vhdx disk"),
+    ({"disks": [{"path": "a\0b"}]}, "control character"),
+    ({"disks": [{"path": ""}]}, "path"),
+    ({"kernel": "/k\x1b"}, "control character"),
+    ({"kernel": "/k", "initrd": "/i\0"}, "control character"),
+    ({"kernel": "/k", "append": "a\0"}, "control character"),
+    ({"kernel": "/" + "é" * 200}, "255 bytes"),
+    ({"kernel": "/a" * 600}, "at most 1000 characters"),
+])
+def test_impossible_or_hostile_specs(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        VMSpec.model_validate({"name": "v", **fields})
+    assert field in str(e.value)
+
+
+def test_largest_disks_of_each_format_are_accepted() -> None:
+    from hvagent.vm.spec import MAX_DISK_BYTES
+    for fmt, size in MAX_DISK_BYTES.items():
+        assert DiskSpec(size=size, format=fmt).size == size
+
+
+@pytest.mark.parametrize("name", ["vmé", "虚拟机", "a" * 64, "-a", "_a", ".a", "a/b", "a b",
+                                  "a\0", "a\n", ""])
+def test_names_outside_the_rule_are_refused_with_the_rule(name: str) -> None:
+    from hvagent.vm.spec import NAME_RULE
+    with pytest.raises(ValidationError) as e:
+        VMSpec(name=name)
+    assert len(e.value.errors()) == 1 and NAME_RULE in str(e.value)
+
+
+def test_longest_name_and_the_schema_state_the_rule() -> None:
+    assert VMSpec(name="a" * 63).name == "a" * 63
+    props = VMSpec.model_json_schema()["properties"]
+    assert props["name"]["maxLength"] == 63 and props["name"]["pattern"] == NAME_RE
+    assert props["memory_mib"]["maximum"] == 512 * 1024 and props["vcpus"]["maximum"] == 255
+    disk = DiskSpec.model_json_schema()["properties"]
+    assert disk["size"]["anyOf"][0]["maximum"] == 1 << 51
+
+
+def test_cross_field_rules_are_marked() -> None:
+    with pytest.raises(ValidationError) as e:
+        VMSpec(name="v", vcpus=3, max_vcpus=2)
+    assert [err["type"] for err in e.value.errors()] == ["cross_field"]

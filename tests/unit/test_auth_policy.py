@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from fastapi import Depends, FastAPI
 
-from hvagent.auth import Privilege, check_routes, require, undeclared_routes
+from hvagent.auth import Privilege, Security, check_routes, require, undeclared_routes
+from hvagent.config import AgentConfig
 from hvagent.errors import InvalidRequest, NotFound
+from hvagent.jobs import Jobs
 from hvagent.policy import (
     AccessControl,
     AclEntry,
@@ -26,6 +28,8 @@ from hvagent.policy import (
 )
 from hvagent.store import Store
 from hvagent.tokens import Tokens, TokenStatus, parse_duration, token_hash
+from hvagent.vm import files
+from hvagent.vm.service import VMService
 from hvagent.vm.spec import VMSpec
 
 
@@ -97,6 +101,8 @@ def test_custom_role_from_the_policy_file(tmp_path: Path) -> None:
     ("roles: {Auditor: {privileges: []}}\n", "built-in role cannot be redefined"),
     ("disk_formats: [qcow3]\n", "disk_formats: unknown disk format 'qcow3'"),
     ("vlans: {VMOperator: [5000]}\n", "VLAN id 5000 is not in 1..4094"),
+    ("library: [images]\n", "library: 'images' is not an absolute path"),
+    ("library: [/srv/../]\n", "library: '/srv/../': a library cannot be the root directory"),
     ("- a\n", "expected a mapping"),
 ])
 def test_bad_policy_file_names_the_field(tmp_path: Path, text: str, message: str) -> None:
@@ -109,7 +115,7 @@ def test_bad_policy_file_names_the_field(tmp_path: Path, text: str, message: str
 
 def test_missing_policy_file_means_no_limits(tmp_path: Path) -> None:
     p = load_policy(tmp_path / "absent.yaml")
-    Admission(p).admit(VMSpec(name="big", vcpus=64, memory_mib=1 << 20))
+    Admission(p).admit(VMSpec(name="big", vcpus=64, memory_mib=256 << 10))
 
 
 def _as(principal: Principal | None) -> Any:
@@ -238,3 +244,49 @@ def test_a_route_without_a_privilege_stops_the_app() -> None:
     assert undeclared_routes(app) == ["POST /forgot"]
     with pytest.raises(RuntimeError, match="POST /forgot"):
         check_routes(app)
+
+
+# the files a request may name (hvagent.vm.files), on a real store and VM service
+
+
+def test_boot_and_library_files_and_who_may_use_them(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    boot = tmp_path / "boot"  # stands in for the host's /boot
+    boot.mkdir()
+    (boot / "vmlinuz-1").write_bytes(b"kernel")
+    (boot / "escape").symlink_to("/etc/passwd")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "initrd").write_bytes(b"initrd")
+    monkeypatch.setattr(files, "BOOT_DIR", boot)
+    store = Store(tmp_path / "hv.db")
+    policy = HostPolicy(library=[str(lib)])
+    security = Security(store, policy)
+    for who, role in (("ada", "Administrator"), ("carol", "VMCreator")):
+        security.tokens.grant(AclEntry(path="/", principal=who, role=role), policy)
+    vms = VMService(AgentConfig(storage_dir=tmp_path / "images", state_dir=tmp_path),
+                    store, Jobs(store))
+    vms.admission = security.admission()
+    answer = "not an allowed file (storage directory or library only)"
+    for who, admin in ((None, True), (Principal("root"), True),
+                       (Principal("ada", "t1"), True), (Principal("carol", "t2"), False)):
+        token = _as(who)
+        try:
+            kernel = str(boot / "vmlinuz-1")
+            if admin:
+                assert files.resolve(vms, kernel, "kernel", "boot", "x") == boot / "vmlinuz-1"
+            via_lib = str(lib / ".." / "boot" / "vmlinuz-1")  # /boot once resolved
+            for value in ([] if admin else [kernel, via_lib]) + [
+                    str(boot / "escape"), str(boot / "missing"), "/etc/passwd",
+                    str(lib / "missing")]:
+                with pytest.raises(PolicyDenied) as e:
+                    files.resolve(vms, value, "initrd", "boot", "x")
+                assert e.value.message == f"initrd: {value}: {answer}", who
+            assert files.resolve(vms, str(lib / "initrd"), "initrd", "boot", "x") == \
+                lib / "initrd"
+            with pytest.raises(PolicyDenied, match="library image is read-only"):
+                files.resolve(vms, str(lib / "initrd"), "disks[0].path", "disk", "x")
+            with pytest.raises(PolicyDenied, match="not an allowed file"):  # never a disk
+                files.resolve(vms, kernel, "disks[0].path", "disk", "x")
+        finally:
+            current_principal.reset(token)

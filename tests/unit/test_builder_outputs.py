@@ -14,14 +14,14 @@ from builder.profile import load
 
 def info(path: Path) -> dict[str, object]:
     out = subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, timeout=60).stdout
     return dict(json.loads(out))
 
 
 def raw_bytes(path: Path, fmt: str, tmp: Path) -> bytes:
     dest = tmp / f"{path.name}.check.raw"
     subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(dest)],
-                   check=True)
+                   check=True, timeout=60)
     return dest.read_bytes()
 
 

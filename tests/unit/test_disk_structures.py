@@ -48,7 +48,7 @@ def _disk(tmp_path: Path, table: str) -> Path:
     with img.open("wb") as fh:
         fh.truncate(32 << 20)
     subprocess.run(["sfdisk", "-q", str(img)], input=table.encode(), check=True,
-                   capture_output=True)
+                   capture_output=True, timeout=60)
     return img
 
 
@@ -82,7 +82,7 @@ def _cpio(tmp_path: Path, names: list[str]) -> bytes:
         (root / n).write_bytes(b"x" * 100)
     return subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root,
                           input="\n".join(names).encode(), capture_output=True,
-                          check=True).stdout
+                          check=True, timeout=60).stdout
 
 
 def test_initramfs_segments_and_compression(tmp_path: Path) -> None:
@@ -94,5 +94,5 @@ def test_initramfs_segments_and_compression(tmp_path: Path) -> None:
     assert "kernel/x86/microcode/GenuineIntel.bin" in names
     if shutil.which("zstd"):
         z = subprocess.run(["zstd", "-q", "-c"], input=main, capture_output=True,
-                           check=True).stdout
+                           check=True, timeout=60).stdout
         assert any("virtio_blk" in n for n in initramfs_names(early + z))

@@ -1,0 +1,116 @@
+"""The host files a request may name (disk images, kernel, initrd) and who may use which:
+the one check that create, attach-disk and import go through.
+
+A name is made absolute (a relative one is in the storage directory) with its symlinks
+resolved, and then must be, for the principal of the request:
+
+- in the storage directory: a file of a VM the caller may reconfigure (VM.Config.Disk on
+  it: one of its disks, a disk one of its checkpoints holds, or a file under
+  `<storage_dir>/<vm>.checkpoints/`). A file no VM refers to (a loose image, e.g. `hvdisk
+  p2v` output, or a disk detached or kept at delete) is the host administrator's (root,
+  Administrator on /vms) only;
+- in one of the policy's `library` directories: shared read-only content, usable by
+  anyone as a kernel or initrd, never as a disk (a guest would write to it);
+- under the host's /boot: a kernel or initrd, for the host administrator only.
+
+Anything else, and any of these that does not exist, gets one answer (403, the same text)
+so that the answer never tells which files exist. Who may use a file that is a disk of
+another VM, or is held by a checkpoint, gets 409 (root too): two VMs writing one image,
+or a write under a checkpoint's overlay, corrupt it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from hvagent.errors import Conflict
+from hvagent.policy import PolicyDenied
+
+if TYPE_CHECKING:
+    from hvagent.vm.service import VMService
+
+Use = Literal["disk", "boot"]  # a disk image; a kernel or initrd
+BOOT_DIR = Path("/boot")
+CHECKPOINTS_SUFFIX = ".checkpoints"  # hvagent.vm.checkpoints keeps a VM's files there
+_ALLOWED = {
+    "disk": "an image in the storage directory that the caller may use",
+    "boot": "storage directory or library only",
+}
+
+
+def normalize(storage_dir: Path, value: str) -> Path | None:
+    """`value` as an absolute path with symlinks resolved (relative: in `storage_dir`);
+    None when it cannot name a file at all (NUL byte, too long, a symlink loop)."""
+    try:
+        p = Path(value)
+        return (p if p.is_absolute() else storage_dir / p).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def resolve(vms: VMService, value: str, field: str, use: Use, target: str) -> Path:
+    """The file `value` names, if the requesting principal may use it as `use` for the
+    VM `target` (being created or changed); else PolicyDenied, the same for a file that
+    does not exist. Conflict when it is in use by a VM (or a checkpoint)."""
+    denied = PolicyDenied(f"{field}: {value}: not an allowed file ({_ALLOWED[use]})")
+    path = normalize(vms.storage_dir, value)
+    if path is None:
+        raise denied
+    admission = vms.admission
+    if path.is_relative_to(vms.storage_dir):
+        claims = _claims(vms, path)
+        if claims:
+            if not all(admission.may("VM.Config.Disk", f"/vms/{vm}") for vm in claims):
+                raise denied
+        elif not admission.is_host_admin():
+            raise denied
+        if not path.is_file():
+            raise denied
+        if use == "disk" and claims:  # a kernel or initrd is only read
+            disks = [vm for vm, how in claims.items() if how == "disk"]
+            if target in disks:
+                raise Conflict(f"{field}: {path} is already attached to {target}")
+            if disks:
+                raise Conflict(f"{field}: {path} is in use: a disk of VM {disks[0]}")
+            raise Conflict(f"{field}: {path} is in use: held by a checkpoint of VM "
+                           f"{next(iter(claims))}")
+        return path
+    for lib in admission.policy.library:
+        if path.is_relative_to(Path(lib).resolve()):
+            if use == "disk":
+                raise PolicyDenied(f"{field}: {value}: a library image is read-only: it "
+                                   "can be a kernel or initrd, not a disk")
+            if not path.is_file():
+                raise denied
+            return path
+    if use == "boot" and path.is_relative_to(BOOT_DIR) and admission.is_host_admin():
+        if path.is_file():
+            return path
+    raise denied
+
+
+def _claims(vms: VMService, path: Path) -> dict[str, Literal["disk", "checkpoint"]]:
+    """The VMs that `path` (in the storage directory) belongs to, and how: as one of its
+    disks, or held by its checkpoints."""
+    want = str(path)
+    rows = vms.store.list_vms()
+    names = {r.name for r in rows}
+    out: dict[str, Literal["disk", "checkpoint"]] = {}
+    top = path.relative_to(vms.storage_dir).parts[:1]
+    if top and top[0].endswith(CHECKPOINTS_SUFFIX):
+        vm = top[0].removesuffix(CHECKPOINTS_SUFFIX)
+        if vm in names:
+            out[vm] = "checkpoint"
+    for r in rows:
+        if want in _disk_paths(r.spec):
+            out[r.name] = "disk"
+    for c in vms.store.query("SELECT vm, spec FROM checkpoints"):
+        if c["vm"] not in out and want in _disk_paths(c["spec"]):
+            out[c["vm"]] = "checkpoint"
+    return out
+
+
+def _disk_paths(spec_json: str) -> set[str]:
+    return {d["path"] for d in json.loads(spec_json).get("disks", []) if d.get("path")}

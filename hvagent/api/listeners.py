@@ -24,13 +24,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from hvagent import tls
 from hvagent.config import AgentConfig, parse_listen
 from hvagent.errors import HVError, InvalidRequest
+from hvagent.vm.qmp import QMP_TIMEOUT
 
 log = logging.getLogger("hvagent")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # On SIGTERM/SIGINT: requests get SHUTDOWN_GRACE seconds to finish (then they are
 # cancelled), detaching from the VMs as long again; past EXIT_DEADLINE a watchdog ends
-# the process, whatever is stuck (a thread in a system call cannot be cancelled).
-SHUTDOWN_GRACE = 10
+# the process, whatever is stuck (a thread in a system call cannot be cancelled). The
+# grace outlasts one QMP deadline, so a request waiting on a silent monitor still gets
+# its answer (the VM is unresponsive) before the agent exits.
+SHUTDOWN_GRACE = QMP_TIMEOUT + 5
 EXIT_DEADLINE = 3 * SHUTDOWN_GRACE
 
 

@@ -24,10 +24,10 @@ from secure_agent import SecureAgent
 
 pytestmark = pytest.mark.integration
 
-# Generous next to the agent's own bounds (QMP deadline 15 s, exit deadline 30 s): these
+# Generous next to the agent's own bounds (QMP deadline 15 s, exit deadline 60 s): these
 # catch a hang, they do not measure speed.
 ANSWER_TIMEOUT = 45
-EXIT_TIMEOUT = 60
+EXIT_TIMEOUT = 90
 
 
 def _bare_vm(agent: Agent, name: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # the process, whatever is stuck (a thread in a system call cannot be cancelled). The
 # grace outlasts one QMP deadline, so a request waiting on a silent monitor still gets
 # its answer (the VM is unresponsive) before the agent exits.
-SHUTDOWN_GRACE = QMP_TIMEOUT + 5
+SHUTDOWN_GRACE = int(QMP_TIMEOUT) + 5
 EXIT_DEADLINE = 3 * SHUTDOWN_GRACE
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from hvagent.errors import OperationFailed
+from hvagent.errors import Conflict, OperationFailed
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 # monitor silent this long is not going to answer: the one deadline for QMP. Generous,
 # because a TCG host under load can stall a healthy QEMU for seconds.
 QMP_TIMEOUT = 15.0
+# How QEMU words a refused image lock ('Failed to get "write" lock', '... "consistent
+# read" lock').
+_IMAGE_LOCKED = 'Failed to get "'
 
 
 class MonitorGone(OperationFailed):
@@ -88,8 +91,13 @@ class Monitor:
             # The connection stays: a late answer is dropped by its unknown id.
             raise MonitorUnresponsive(
                 f"{self.name}: QMP did not answer {cmd} within {timeout:g}s") from e
-        except ExecuteError as e:
-            raise OperationFailed(f"{self.name}: {cmd}: {e}") from e  # str(e) is QEMU's desc
+        except ExecuteError as e:  # str(e) is QEMU's desc
+            if _IMAGE_LOCKED in str(e):
+                # An image another process holds (QEMU's image locking): the state of the
+                # host, not a failure of it.
+                raise Conflict(f"{self.name}: {cmd}: {e}: the image is in use by another "
+                               "process") from e
+            raise OperationFailed(f"{self.name}: {cmd}: {e}") from e
         except (QMPError, EOFError, OSError) as e:  # disconnected, before or during
             raise MonitorGone(f"{self.name}: QMP connection lost during {cmd}") from e
 

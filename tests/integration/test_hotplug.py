@@ -3,6 +3,7 @@ real API of a real agent, asserted on what the tiny guest reports on its serial 
 
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import Any
 
@@ -141,6 +142,29 @@ def test_refused_hot_add_leaves_spec_and_vm_as_before(agent: Agent) -> None:
     # Another VM's disk: refused before QEMU is asked (hvagent.vm.files), even for root.
     r = agent.client.post("/vms/other/disks", json={"path": disk["path"]})
     assert r.status_code == 409 and "in use: a disk of VM owner" in r.json()["detail"], r.text
+    vm = agent.ok("GET", "/vms/other")
+    assert vm["state"] == "running" and vm["spec"]["disks"] == []
+    # QEMU itself refuses an image another process holds (image locking): the agent
+    # undoes the half-made hot-add.
+    held = agent.storage / "held.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(held), "8M"], check=True,
+                   timeout=60)
+    # a QEMU outside the agent, its guest not started, with the image as its disk
+    daemon = subprocess.Popen(["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg",
+                               "-display", "none", "-nodefaults", "-S", "-drive",
+                               f"file={held},format=raw,if=virtio"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["qemu-io", "-f", "raw", "-c", "quit", str(held)],
+                             capture_output=True, timeout=30).returncode == 0:
+            assert time.monotonic() < deadline, "the outside QEMU never locked the image"
+            time.sleep(0.2)
+        r = agent.client.post("/vms/other/disks", json={"path": str(held)})
+        assert r.status_code == 409 and "lock" in r.json()["detail"], r.text
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
     vm = agent.ok("GET", "/vms/other")
     assert vm["state"] == "running" and vm["spec"]["disks"] == []
     # nothing half-plugged stays behind: the same port takes the next disk

@@ -474,7 +474,8 @@ class VMService:
             status = await self._mon(name).status()
         except (MonitorGone, OperationFailed) as e:
             if not machine.is_alive(row.pid, files):
-                return await self._observe(row, locked)
+                # read again: a concurrent observer may have recorded why it ended
+                return await self._observe(self._row(name), locked)
             await self._drop_monitor(name)
             if state != VMState.UNRESPONSIVE:
                 log.warning("%s: unresponsive: %s", name, e)
@@ -486,17 +487,9 @@ class VMService:
             return self._row(name)
         if status == "shutdown":
             # The guest powered itself off; QEMU waits (-no-shutdown) for us to end it.
-            if locked:
-                await self._quit(name, row.pid)
-                self.store.update_vm(name, state=VMState.STOPPED, pid=None, last_error=None)
-            else:
-                with contextlib.suppress(Busy), self.locks.hold(name, "stop"):
-                    await self._quit(name, row.pid)
-                    self.store.update_vm(name, state=VMState.STOPPED, pid=None,
-                                         last_error=None)
+            await self._end_stopped_guest(name, row.pid, locked, VMState.STOPPED, None)
         elif status in ("internal-error", "guest-panicked"):
-            await self._quit(name, row.pid)
-            self.store.update_vm(name, state=VMState.CRASHED, pid=None, last_error=(
+            await self._end_stopped_guest(name, row.pid, locked, VMState.CRASHED, (
                 f"guest stopped with status {status}; serial log tail:\n"
                 + machine.tail(files.serial_log, CRASH_LOG_LINES)))
         else:
@@ -507,6 +500,18 @@ class VMService:
             elif new != state:
                 self.store.update_vm(name, state=new)
         return self._row(name)
+
+    async def _end_stopped_guest(self, name: str, pid: int | None, locked: bool,
+                                 state: VMState, note: str | None) -> None:
+        """End the QEMU of a guest that stopped for good and record `state`, holding the
+        VM's lock (unless the caller does) so that a concurrent observer only reports and
+        never takes the QEMU this ends for one that died."""
+        with contextlib.ExitStack() as stack:
+            if not locked:
+                stack.enter_context(contextlib.suppress(Busy))
+                stack.enter_context(self.locks.hold(name, "stop"))
+            await self._quit(name, pid)
+            self.store.update_vm(name, state=state, pid=None, last_error=note)
 
     async def _probe(self, name: str) -> None:
         """Try an unresponsive VM's monitor again until it answers or QEMU is gone."""

@@ -574,7 +574,9 @@ class CheckpointService:
             await self.vms.end_qemu(vm)
         disk_only = cp.model_copy(update={"with_memory": False})
         await self._revert(vm, disk_only, lambda p: None)
-        self.store.update_vm(vm, last_error=(
+        # Off whatever was recorded before (running, or crashed: the restart saw the
+        # QEMU the revert had ended).
+        self.store.update_vm(vm, state=VMState.STOPPED, pid=None, last_error=(
             f"revert to checkpoint {cp.name} was interrupted by an agent restart: the VM "
             "is off, its disks are at the checkpoint"))
         self._set(cp.id, status="ready")

@@ -30,6 +30,8 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 # monitor silent this long is not going to answer: the one deadline for QMP. Generous,
 # because a TCG host under load can stall a healthy QEMU for seconds.
 QMP_TIMEOUT = 15.0
+# A QEMU just launched (TCG, a loaded host) may take longer to serve its first client.
+LAUNCH_QMP_TIMEOUT = 4 * QMP_TIMEOUT
 # How QEMU words a refused image lock ('Failed to get "write" lock', '... "consistent
 # read" lock').
 _IMAGE_LOCKED = 'Failed to get "'

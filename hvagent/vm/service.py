@@ -32,7 +32,7 @@ from hvagent.vm.accel import AccelChoice, choose_accel
 from hvagent.vm.files import resolve as resolve_file
 from hvagent.vm.limits import check_host_limits
 from hvagent.vm.machine import VMFiles
-from hvagent.vm.qmp import Monitor, MonitorGone
+from hvagent.vm.qmp import LAUNCH_QMP_TIMEOUT, QMP_TIMEOUT, Monitor, MonitorGone
 from hvagent.vm.spec import DiskFormat, DiskSpec, VMSpec, VMState
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class VMService:
             await self.unplug_nics(name, spec)
             raise
         try:
-            await self._attach(name, files)
+            await self._attach(name, files, LAUNCH_QMP_TIMEOUT)
             await devices.replay(self._mon(name), spec)
         except BaseException:
             machine.kill(pid)
@@ -401,11 +401,11 @@ class VMService:
                                      f"({size} bytes): {e}") from e
             raise OperationFailed(f"{where}: cannot create {path}: {e}") from e
 
-    async def _attach(self, name: str, files: VMFiles) -> None:
+    async def _attach(self, name: str, files: VMFiles, timeout: float = QMP_TIMEOUT) -> None:
         await self._drop_monitor(name)
         mon = Monitor(name, on_event=lambda ev, data: self._on_event(name, ev, data),
                       on_lost=lambda: self._on_lost(name))
-        await mon.connect(files.qmp)
+        await mon.connect(files.qmp, timeout)
         self._monitors[name] = mon
 
     async def _drop_monitor(self, name: str) -> None:

@@ -23,12 +23,12 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from hvagent.access.policy import AclEntry
 from hvagent.api.app import create_app
 from hvagent.api.listeners import PeerCredProtocol
 from hvagent.cli.hvagent import bind_unix
 from hvagent.config import AgentConfig
-from hvagent.policy import AclEntry
-from hvagent.vm.accel import Accel
+from hvagent.host.kvm import Accel
 
 BLOCK = 100
 

@@ -479,7 +479,7 @@ def _policy(doc: _Doc, path: LinePath, v: Any) -> dict[str, Any]:
     fails the build (naming the profile line), not the agent's start on the host."""
     from pydantic import ValidationError
 
-    from hvagent.policy import HostPolicy
+    from hvagent.access.policy import HostPolicy
 
     if not isinstance(v, dict):
         raise doc.error(path, f"expected a mapping (hvagent host policy), got {_kind(v)}")

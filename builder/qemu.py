@@ -1,6 +1,6 @@
 """Booting a built image in QEMU, headless: serial log, ssh on a loopback port, clean stop.
 
-The accelerator comes from hvagent.vm.accel.choose_accel (KVM only when a probe guest
+The accelerator comes from hvagent.host.kvm.choose_accel (KVM only when a probe guest
 really runs under it, else TCG with SVM exposed). Networking is QEMU user mode with the
 guest's port 22 forwarded to a free 127.0.0.1 port. A public key can be handed to the
 guest through fw_cfg (opt/corehost/authorized_keys), which images built with
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from hvagent.vm.accel import QEMU, AccelChoice, choose_accel
+from hvagent.host.kvm import QEMU, AccelChoice, choose_accel
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hvagent.errors import InvalidRequest
-from hvagent.vm.accel import Accel
+from hvagent.host.kvm import Accel
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -82,7 +82,7 @@ class AgentConfig(BaseModel):
     log_dir: Path = Path("/var/log/hvagent")
     accel: Accel = Accel.AUTO
     tls: TLSConfig = TLSConfig()
-    policy: Path = Path("/etc/hvagent/policy.yaml")  # hvagent.policy; missing = no limits
+    policy: Path = Path("/etc/hvagent/policy.yaml")  # hvagent.access.policy; missing = no limits
     token_ttl: str = Field(default="90d", description="default expiry of new API tokens")
 
     @property

@@ -10,15 +10,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from hvagent import auth
+from hvagent.access import auth
+from hvagent.access.policy import load_policy
 from hvagent.api import audit, errors, listeners, v1
 from hvagent.config import AgentConfig, agent_version
-from hvagent.jobs import Jobs
-from hvagent.policy import load_policy
+from hvagent.services.checkpoints import CheckpointService
+from hvagent.services.devices import DeviceService
+from hvagent.services.jobs import Jobs
+from hvagent.services.vms import VMService
 from hvagent.store import Store
-from hvagent.vm.checkpoints import CheckpointService
-from hvagent.vm.devices import DeviceService
-from hvagent.vm.service import VMService
 
 
 def create_app(config: AgentConfig) -> FastAPI:

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from hvagent.audit import AuditEntry
-from hvagent.auth import Privilege as P
-from hvagent.auth import Security, require
+from hvagent.access.audit import AuditEntry
+from hvagent.access.auth import Privilege as P
+from hvagent.access.auth import Security, require
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 

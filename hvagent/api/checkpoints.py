@@ -8,12 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from hvagent.access.auth import Privilege as P
+from hvagent.access.auth import require
 from hvagent.api.schemas import CheckpointName, VMName
-from hvagent.auth import Privilege as P
-from hvagent.auth import require
-from hvagent.jobs import Job
-from hvagent.vm.checkpoints import Checkpoint, CheckpointService
-from hvagent.vm.spec import Name
+from hvagent.services.checkpoints import Checkpoint, CheckpointService
+from hvagent.services.jobs import Job
+from hvagent.spec import Name
 
 router = APIRouter(prefix="/vms", tags=["checkpoints"])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from hvagent.jobs import Jobs
-from hvagent.vm.service import VMService
+from hvagent.services.jobs import Jobs
+from hvagent.services.vms import VMService
 
 
 def vms(request: Request) -> VMService:

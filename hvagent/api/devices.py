@@ -9,11 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from hvagent.access.auth import Privilege as P
+from hvagent.access.auth import require
 from hvagent.api.schemas import HostPathQuery, Mac, VMName
-from hvagent.auth import Privilege as P
-from hvagent.auth import require
-from hvagent.vm.devices import DEFAULT_UNPLUG_TIMEOUT, Change, DeviceService
-from hvagent.vm.spec import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, DiskSpec, NicSpec
+from hvagent.services.devices import DEFAULT_UNPLUG_TIMEOUT, Change, DeviceService
+from hvagent.spec import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, DiskSpec, NicSpec
 
 router = APIRouter(prefix="/vms", tags=["devices"])
 

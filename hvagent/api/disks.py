@@ -15,16 +15,16 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel, Field
 
+from hvagent.access.auth import Privilege as P
+from hvagent.access.auth import require
 from hvagent.api import deps
-from hvagent.auth import Privilege as P
-from hvagent.auth import require
 from hvagent.disk import fs as guestfs
 from hvagent.disk.errors import DiskError, ImageInUse
 from hvagent.disk.p2v import detect_boot
 from hvagent.errors import Conflict, InvalidRequest, NotFound
-from hvagent.vm.files import resolve as resolve_file
-from hvagent.vm.service import ACTIVE, VMInfo, VMService
-from hvagent.vm.spec import MAX_MEMORY_MIB, MAX_VCPUS, DiskSpec, Firmware, HostPath, Name, VMSpec
+from hvagent.services.files import resolve as resolve_file
+from hvagent.services.vms import ACTIVE, VMInfo, VMService
+from hvagent.spec import MAX_MEMORY_MIB, MAX_VCPUS, DiskSpec, Firmware, HostPath, Name, VMSpec
 
 router = APIRouter(tags=["disks"])
 Service = Annotated[VMService, Depends(deps.vms)]

@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from hvagent.auth import _routes as routes_of  # every route, with its full path
+from hvagent.access.auth import _routes as routes_of  # every route, with its full path
 from hvagent.errors import Busy, HVError
 
 STATUS = {

@@ -11,12 +11,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from hvagent.access.auth import Privilege as P
+from hvagent.access.auth import require
 from hvagent.api import deps
 from hvagent.api.schemas import JobId, TargetQuery
-from hvagent.auth import Privilege as P
-from hvagent.auth import require
 from hvagent.errors import NotFound
-from hvagent.jobs import Job, Jobs
+from hvagent.services.jobs import Job, Jobs
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobsDep = Annotated[Jobs, Depends(deps.jobs)]

@@ -21,10 +21,10 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from hvagent import tls
+from hvagent.api import tls
 from hvagent.config import AgentConfig, parse_listen
+from hvagent.drivers.qmp import QMP_TIMEOUT
 from hvagent.errors import HVError, InvalidRequest
-from hvagent.vm.qmp import QMP_TIMEOUT
 
 log = logging.getLogger("hvagent")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import Path, Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from hvagent.vm.service import DEFAULT_STOP_TIMEOUT
-from hvagent.vm.spec import (
+from hvagent.services.vms import DEFAULT_STOP_TIMEOUT
+from hvagent.spec import (
     MAC_PATTERN,
     NAME_MAX,
     NAME_RE,

@@ -7,13 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from hvagent.access.auth import Privilege as P
+from hvagent.access.auth import require
 from hvagent.api import checkpoints, devices, disks, jobs, vms
 from hvagent.api.deps import vms as vms_dep
 from hvagent.api.schemas import AgentInfo
-from hvagent.auth import Privilege as P
-from hvagent.auth import require
 from hvagent.config import agent_version
-from hvagent.vm.service import VMService
+from hvagent.services.vms import VMService
 
 router = APIRouter(prefix="/api/v1")
 router.include_router(vms.router)

@@ -7,12 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, status
 
+from hvagent.access.auth import Privilege as P
+from hvagent.access.auth import permitted, require
 from hvagent.api import deps
 from hvagent.api.schemas import Console, Deleted, StopRequest, VMName
-from hvagent.auth import Privilege as P
-from hvagent.auth import permitted, require
-from hvagent.vm.service import VMInfo, VMService
-from hvagent.vm.spec import VMSpec
+from hvagent.services.vms import VMInfo, VMService
+from hvagent.spec import VMSpec
 
 router = APIRouter(prefix="/vms", tags=["vms"])
 Service = Annotated[VMService, Depends(deps.vms)]

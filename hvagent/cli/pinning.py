@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from hvagent import tls
+from hvagent.api import tls
 from hvagent.errors import InvalidRequest
 
 

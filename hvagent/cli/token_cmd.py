@@ -11,11 +11,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from hvagent.access.policy import AclEntry, load_policy
+from hvagent.access.tokens import TokenInfo, Tokens, parse_duration
 from hvagent.config import load_config
 from hvagent.errors import InvalidRequest
-from hvagent.policy import AclEntry, load_policy
 from hvagent.store import Store
-from hvagent.tokens import TokenInfo, Tokens, parse_duration
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,7 +1,7 @@
 """Partition management on the booted host: the agent creates and starts a child VM.
 
 The child direct-boots the host's own kernel and initrd, so the check needs no guest
-image; the agent decides KVM (nested) or TCG by itself (hvagent.vm.accel).
+image; the agent decides KVM (nested) or TCG by itself (hvagent.host.kvm).
 """
 
 from __future__ import annotations

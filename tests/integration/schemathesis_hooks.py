@@ -15,7 +15,7 @@ import schemathesis
 from schemathesis import CheckContext, Response
 from schemathesis.generation.case import Case
 
-# hvagent.vm.spec.CROSS_FIELD, BYTE_LENGTH
+# hvagent.spec.CROSS_FIELD, BYTE_LENGTH
 UNSTATABLE = frozenset({"cross_field", "byte_length"})
 
 

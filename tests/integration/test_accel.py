@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hvagent.errors import InvalidRequest
-from hvagent.vm import accel
+from hvagent.host import kvm as accel
 
 pytestmark = pytest.mark.integration
 

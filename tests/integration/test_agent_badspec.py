@@ -25,7 +25,7 @@ BAD = {
     "vcpus above max": ({"vcpus": 4, "max_vcpus": 2}, 422, "vcpus (4) is above max_vcpus"),
     "unknown disk format": ({"disks": [{"size": "16M", "format": "vmdk"}]}, 422,
                             "disks[0].format:"),
-    # outside the storage directory and missing: one answer (hvagent.vm.files)
+    # outside the storage directory and missing: one answer (hvagent.services.files)
     "path outside storage": ({"disks": [{"path": "/etc/passwd"}]}, 403,
                              "disks[0].path: /etc/passwd: not an allowed file"),
     "dotdot outside storage": ({"disks": [{"path": "../hvagent.yaml"}]}, 403,

@@ -18,8 +18,8 @@ import pytest
 import tinyguest
 from conftest import Agent
 
-from hvagent.vm.limits import host_cpus, host_memory_mib
-from hvagent.vm.spec import MAX_MEMORY_MIB, NAME_RULE
+from hvagent.services.limits import host_cpus, host_memory_mib
+from hvagent.spec import MAX_MEMORY_MIB, NAME_RULE
 
 pytestmark = pytest.mark.integration
 

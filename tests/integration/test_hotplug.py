@@ -118,8 +118,8 @@ def test_spec_of_hot_added_devices_is_checked(agent: Agent) -> None:
 
 
 def test_hot_added_devices_are_not_on_the_command_line(tmp_path) -> None:
-    from hvagent.vm.machine import VMFiles, build_command
-    from hvagent.vm.spec import VMSpec
+    from hvagent.drivers.machine import VMFiles, build_command
+    from hvagent.spec import VMSpec
 
     spec = VMSpec.model_validate({
         "name": "cmd", "vcpus": 3, "max_vcpus": 4, "hot_vcpus": 2, "memory_mib": 512,
@@ -139,7 +139,7 @@ def test_refused_hot_add_leaves_spec_and_vm_as_before(agent: Agent) -> None:
     agent.ok("POST", "/vms", json={"name": "other", "memory_mib": 64})
     agent.ok("POST", "/vms/owner/start")
     agent.ok("POST", "/vms/other/start")
-    # Another VM's disk: refused before QEMU is asked (hvagent.vm.files), even for root.
+    # Another VM's disk: refused before QEMU is asked (hvagent.services.files), even for root.
     r = agent.client.post("/vms/other/disks", json={"path": disk["path"]})
     assert r.status_code == 409 and "in use: a disk of VM owner" in r.json()["detail"], r.text
     vm = agent.ok("GET", "/vms/other")

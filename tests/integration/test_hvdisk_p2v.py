@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import disk_images as di  # noqa: E402
 from test_hvdisk_edit import hvdisk  # noqa: E402
 
-from hvagent.vm.accel import choose_accel  # noqa: E402
+from hvagent.host.kvm import choose_accel  # noqa: E402
 
 pytestmark = pytest.mark.integration
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")

@@ -1,7 +1,7 @@
 """Tenant isolation on real VMs, over HTTPS with real tokens: every configuration route
 against another principal's VM (403, nothing changed) and against the caller's own
 (allowed); a token with no role, a grant scoped to one VM, a custom role; and the files a
-request may name (hvagent.vm.files): another principal's disk under every spelling, a
+request may name (hvagent.services.files): another principal's disk under every spelling, a
 loose image, host files as kernel or initrd, a file in use by another VM. The VMs stay
 stopped: every check here happens before QEMU would start."""
 
@@ -20,8 +20,8 @@ import httpx
 import pytest
 from secure_agent import SecureAgent
 
+from hvagent.access.auth import route_privileges
 from hvagent.api.app import create_app
-from hvagent.auth import route_privileges
 from hvagent.config import AgentConfig
 
 pytestmark = pytest.mark.integration

@@ -14,17 +14,17 @@ from typing import Any
 
 import pytest
 
+from hvagent.access.audit import AuditLog
+from hvagent.access.auth import Privilege, route_privileges
+from hvagent.access.policy import load_policy
+from hvagent.access.tokens import MAX_TTL_DAYS, Tokens, parse_duration
 from hvagent.api.app import create_app
-from hvagent.audit import AuditLog
-from hvagent.auth import Privilege, route_privileges
 from hvagent.cli import hvagent as hvagent_cli
 from hvagent.config import AgentConfig, load_config
 from hvagent.errors import HVError, InvalidRequest, NotFound
-from hvagent.jobs import Jobs, JobStatus
-from hvagent.policy import load_policy
+from hvagent.services.jobs import Jobs, JobStatus
+from hvagent.spec import VMSpec
 from hvagent.store import MIGRATIONS, Store
-from hvagent.tokens import MAX_TTL_DAYS, Tokens, parse_duration
-from hvagent.vm.spec import VMSpec
 
 
 def test_config_defaults_and_override(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from hvagent.vm.machine import VMFiles, build_command
-from hvagent.vm.spec import NAME_RE, DiskSpec, VMSpec, parse_size
+from hvagent.drivers.machine import VMFiles, build_command
+from hvagent.spec import NAME_RE, DiskSpec, VMSpec, parse_size
 
 FILES = VMFiles.for_vm("v", Path("/run/x"), Path("/log/x"), Path("/state/x"))
 TCG = ["-accel", "tcg"]
@@ -110,7 +110,7 @@ def test_impossible_or_hostile_specs(fields: dict[str, object], field: str) -> N
 
 
 def test_largest_disks_of_each_format_are_accepted() -> None:
-    from hvagent.vm.spec import MAX_DISK_BYTES
+    from hvagent.spec import MAX_DISK_BYTES
     for fmt, size in MAX_DISK_BYTES.items():
         assert DiskSpec(size=size, format=fmt).size == size
 
@@ -118,7 +118,7 @@ def test_largest_disks_of_each_format_are_accepted() -> None:
 @pytest.mark.parametrize("name", ["vmé", "虚拟机", "a" * 64, "-a", "_a", ".a", "a/b", "a b",
                                   "a\0", "a\n", ""])
 def test_names_outside_the_rule_are_refused_with_the_rule(name: str) -> None:
-    from hvagent.vm.spec import NAME_RULE
+    from hvagent.spec import NAME_RULE
     with pytest.raises(ValidationError) as e:
         VMSpec(name=name)
     assert len(e.value.errors()) == 1 and NAME_RULE in str(e.value)

@@ -11,11 +11,8 @@ from typing import Any
 import pytest
 from fastapi import Depends, FastAPI
 
-from hvagent.auth import Privilege, Security, check_routes, require, undeclared_routes
-from hvagent.config import AgentConfig
-from hvagent.errors import InvalidRequest, NotFound
-from hvagent.jobs import Jobs
-from hvagent.policy import (
+from hvagent.access.auth import Privilege, Security, check_routes, require, undeclared_routes
+from hvagent.access.policy import (
     AccessControl,
     AclEntry,
     Admission,
@@ -26,11 +23,14 @@ from hvagent.policy import (
     current_principal,
     load_policy,
 )
+from hvagent.access.tokens import Tokens, TokenStatus, parse_duration, token_hash
+from hvagent.config import AgentConfig
+from hvagent.errors import InvalidRequest, NotFound
+from hvagent.services import files
+from hvagent.services.jobs import Jobs
+from hvagent.services.vms import VMService
+from hvagent.spec import VMSpec
 from hvagent.store import Store
-from hvagent.tokens import Tokens, TokenStatus, parse_duration, token_hash
-from hvagent.vm import files
-from hvagent.vm.service import VMService
-from hvagent.vm.spec import VMSpec
 
 
 def acl(*entries: tuple[str, str, str, bool], **policy: Any) -> AccessControl:
@@ -246,7 +246,7 @@ def test_a_route_without_a_privilege_stops_the_app() -> None:
         check_routes(app)
 
 
-# the files a request may name (hvagent.vm.files), on a real store and VM service
+# the files a request may name (hvagent.services.files), on a real store and VM service
 
 
 def test_boot_and_library_files_and_who_may_use_them(tmp_path: Path,

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 
-from hvagent.auth import Privilege, Security, permitted, require
-from hvagent.policy import HostPolicy, Principal
+from hvagent.access.auth import Privilege, Security, permitted, require
+from hvagent.access.policy import HostPolicy, Principal
 from hvagent.store import Store
 
 # A stored object -> the VM it concerns (what a job's target is to /jobs/{job_id}).

@@ -18,7 +18,7 @@ def test_command_for_a_test_boot(tiny_qcow2: Path, tmp_path: Path) -> None:
     cmd = m.command()
     joined = " ".join(cmd)
     assert cmd[0] == "qemu-system-x86_64"
-    assert "-accel tcg,thread=multi -cpu qemu64,+svm" in joined  # from hvagent.vm.accel
+    assert "-accel tcg,thread=multi -cpu qemu64,+svm" in joined  # from hvagent.host.kvm
     assert "-m 1024 -smp 1" in joined
     assert f"-fw_cfg name=opt/corehost/authorized_keys,file={pub}" in joined
     assert f"hostfwd=tcp:127.0.0.1:{m.ssh_port}-:22" in joined

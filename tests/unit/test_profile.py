@@ -212,7 +212,7 @@ def test_error_in_parent_names_the_parent_file(profiles: Path) -> None:
 def test_policy_merges_key_by_key_and_renders_a_policy_the_agent_loads(
         profiles: Path, tmp_path: Path) -> None:
     from builder import render
-    from hvagent.policy import load_policy
+    from hvagent.access.policy import load_policy
 
     write(profiles, "host", """\
         name: host
@@ -258,7 +258,7 @@ def test_bad_policy_names_the_line_and_the_policy_field(profiles: Path) -> None:
 
 def test_no_policy_renders_the_agents_defaults(profiles: Path, tmp_path: Path) -> None:
     from builder import render
-    from hvagent.policy import HostPolicy, load_policy
+    from hvagent.access.policy import HostPolicy, load_policy
 
     write(profiles, "plain", "name: plain\nelements: [debian-minimal, vm, hvagent]\n")
     build_dir = tmp_path / "build"

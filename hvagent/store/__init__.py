@@ -35,7 +35,7 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
-    # 2: jobs (hvagent.jobs)
+    # 2: jobs (hvagent.services.jobs)
     """
     CREATE TABLE jobs (
         id          TEXT PRIMARY KEY,
@@ -51,7 +51,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX jobs_target ON jobs(target);
     """,
-    # 3: access control and audit (hvagent.tokens, hvagent.audit)
+    # 3: access control and audit (hvagent.access.tokens, hvagent.access.audit)
     """
     CREATE TABLE tokens (
         id         TEXT PRIMARY KEY,
@@ -87,7 +87,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_time ON audit(time);
     """,
-    # 4: checkpoints (hvagent.vm.checkpoints)
+    # 4: checkpoints (hvagent.services.checkpoints)
     """
     CREATE TABLE checkpoints (
         id          TEXT PRIMARY KEY,
@@ -140,7 +140,7 @@ def _check_before_open(path: Path) -> None:
 @dataclass
 class VMRow:
     name: str
-    spec: str  # JSON of hvagent.vm.spec.VMSpec
+    spec: str  # JSON of hvagent.spec.VMSpec
     state: str
     pid: int | None
     last_error: str | None

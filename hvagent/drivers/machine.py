@@ -21,9 +21,9 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvagent.drivers.net import tap_name
 from hvagent.errors import OperationFailed
-from hvagent.net.bridge import tap_name
-from hvagent.vm.spec import BootDevice, DiskFormat, Firmware, VMSpec
+from hvagent.spec import BootDevice, DiskFormat, Firmware, VMSpec
 
 QEMU = "qemu-system-x86_64"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -68,7 +68,7 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str]) -> list[s
         QEMU, "-name", f"{spec.name},debug-threads=on",
         "-machine", "q35", "-nodefaults", "-no-user-config", "-display", "none",
         *accel_args,
-        # Hot-added vCPUs and DIMMs are not on the command line: hvagent.vm.devices
+        # Hot-added vCPUs and DIMMs are not on the command line: hvagent.services.devices
         # plugs them again (like slotted disks and NICs) while QEMU waits (-S).
         "-smp", f"{spec.vcpus - spec.hot_vcpus},maxcpus={spec.max_vcpus}",
     ]
@@ -123,7 +123,7 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str]) -> list[s
         else:
             dev += ",romfile="  # no PXE option ROM when the NIC never boots
         if n.network == "bridge":
-            # The agent made the tap and put it on the VLAN's bridge (hvagent.net.bridge).
+            # The agent made the tap and put it on the VLAN's bridge (hvagent.drivers.net).
             netdev = f"tap,id=net{i},ifname={tap_name(n.mac)},script=no,downscript=no"
         else:
             netdev = f"{n.network},id=net{i}"

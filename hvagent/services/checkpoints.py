@@ -17,7 +17,7 @@ Two methods, chosen per checkpoint:
 Each checkpoint stores the VM spec of its moment (the device layout, hot-added devices
 included). Revert starts QEMU from that spec with the guest paused (-S, hot-added
 devices plugged again), loads the memory state, then continues; the VM's spec becomes
-the checkpoint's. Long operations are jobs (hvagent.jobs) holding the VM's lock.
+the checkpoint's. Long operations are jobs (hvagent.services.jobs) holding the VM's lock.
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 from hvagent.disk.image import QEMU_IMG
+from hvagent.drivers import machine
+from hvagent.drivers.qmp import Monitor
 from hvagent.errors import Conflict, HVError, NotFound, OperationFailed
-from hvagent.jobs import Job
-from hvagent.vm import machine
-from hvagent.vm.devices import disk_node
-from hvagent.vm.qmp import Monitor
-from hvagent.vm.spec import DiskFormat, DiskSpec, VMSpec, VMState
+from hvagent.services.devices import disk_node
+from hvagent.services.jobs import Job
+from hvagent.spec import DiskFormat, DiskSpec, VMSpec, VMState
 
 if TYPE_CHECKING:
-    from hvagent.vm.service import VMService
+    from hvagent.services.vms import VMService
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from hvagent.access.policy import PolicyDenied
 from hvagent.errors import Conflict
-from hvagent.policy import PolicyDenied
 
 if TYPE_CHECKING:
-    from hvagent.vm.service import VMService
+    from hvagent.services.vms import VMService
 
 Use = Literal["disk", "boot"]  # a disk image; a kernel or initrd
 BOOT_DIR = Path("/boot")
-CHECKPOINTS_SUFFIX = ".checkpoints"  # hvagent.vm.checkpoints keeps a VM's files there
+CHECKPOINTS_SUFFIX = ".checkpoints"  # hvagent.services.checkpoints keeps a VM's files there
 _ALLOWED = {
     "disk": "an image in the storage directory that the caller may use",
     "boot": "storage directory or library only",

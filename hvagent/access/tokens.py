@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
+from hvagent.access.policy import AclEntry, HostPolicy
 from hvagent.errors import InvalidRequest, NotFound
-from hvagent.policy import AclEntry, HostPolicy
 from hvagent.store import Store
 
 PREFIX = "hvt_"

@@ -1,8 +1,8 @@
 """What a VM may ask of this host: the limits that depend on the machine the agent runs
 on, checked in one place before a VM is created, started or grown (hot-add) and when one
 is imported. QEMU's own maxima, which do not depend on the host, are schema constraints
-in hvagent.vm.spec (so they show in the OpenAPI document); the policy's quotas are
-hvagent.policy.Admission.
+in hvagent.spec (so they show in the OpenAPI document); the policy's quotas are
+hvagent.access.policy.Admission.
 
 The rules, stated once:
 - memory: one VM's maximum memory (`max_memory_mib`, what it may grow to by hot-add)
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from hvagent.errors import InvalidRequest
-from hvagent.vm.spec import VMSpec
+from hvagent.spec import VMSpec
 
 # sizeof(struct sockaddr_un.sun_path) on Linux, including the terminating NUL.
 SUN_PATH_MAX = 108

@@ -2,7 +2,7 @@
 
 `Jobs.start(kind, target, work)` records a job and runs `work(job_progress)` in the
 background; a client polls GET /api/v1/jobs/{id}. Callers hold whatever per-resource
-lock the work needs (see hvagent.vm.service.OperationLocks). On agent start every job
+lock the work needs (see hvagent.services.vms.OperationLocks). On agent start every job
 still `running` becomes `failed` ("agent restarted"): its worker died with the agent.
 """
 

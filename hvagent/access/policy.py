@@ -14,7 +14,7 @@ principal that created that VM.
 
 `Admission` is what the VM service asks before it creates or grows a VM; nothing here
 knows HTTP. The principal of the running request is in the context variable
-`current_principal` (set by hvagent.auth), so the service need not pass it around.
+`current_principal` (set by hvagent.access.auth), so the service need not pass it around.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class PolicyDenied(HVError):
 
 
 # Privileges by name; kept as strings here so this module does not depend on the API
-# layer (hvagent.auth.Privilege is the StrEnum of the same names).
+# layer (hvagent.access.auth.Privilege is the StrEnum of the same names).
 VM_CONFIG = ("VM.Config.CPU", "VM.Config.Memory", "VM.Config.Disk", "VM.Config.Network",
              "VM.Config.Options")
 ALL_PRIVILEGES = (
@@ -145,7 +145,7 @@ class HostPolicy(_Strict):
     roles: dict[str, RoleDef] = {}
     acl: list[AclEntry] = []
     # Directories of shared, read-only images (kernels, initrds) any principal may name
-    # as a VM's kernel or initrd (hvagent.vm.files).
+    # as a VM's kernel or initrd (hvagent.services.files).
     library: list[str] = []
 
     @field_validator("disk_formats")

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from hvagent.store import Store
 
-log = logging.getLogger("hvagent.audit")
+log = logging.getLogger("hvagent.access.audit")
 
 
 class AuditEntry(BaseModel):

@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from hvagent.drivers import machine
+from hvagent.drivers import net as bridge
+from hvagent.drivers.qmp import Monitor
 from hvagent.errors import Conflict, InvalidRequest, NotFound
-from hvagent.net import bridge
-from hvagent.vm import machine
-from hvagent.vm.files import normalize
-from hvagent.vm.files import resolve as resolve_file
-from hvagent.vm.limits import check_host_limits
-from hvagent.vm.qmp import Monitor
-from hvagent.vm.spec import DimmSpec, DiskFormat, DiskSpec, NicSpec, PendingUnplug, VMSpec
+from hvagent.services.files import normalize
+from hvagent.services.files import resolve as resolve_file
+from hvagent.services.limits import check_host_limits
+from hvagent.spec import DimmSpec, DiskFormat, DiskSpec, NicSpec, PendingUnplug, VMSpec
 
 if TYPE_CHECKING:
-    from hvagent.vm.service import VMInfo, VMService
+    from hvagent.services.vms import VMInfo, VMService
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +615,7 @@ class DeviceService:
         return Change(status=status, detail=detail, vm=info)  # type: ignore[arg-type]
 
     async def _resolve_disk(self, spec: VMSpec, disk: DiskSpec, created: list[Path]) -> DiskSpec:
-        """An existing image the caller may use (hvagent.vm.files), or a new one created
+        """An existing image the caller may use (hvagent.services.files), or a new one created
         in the storage directory."""
         where = "disk"
         svc = self.vms

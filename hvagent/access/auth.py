@@ -11,7 +11,7 @@ suffices (Proxmox's `['or', ...]` checks). Routes that return lists filter them 
 
 One request: `SecurityMiddleware` finds the principal (a bearer token, else a uid-0 peer on
 the unix socket is `root`) and answers 401 when there is none; the route's `Requirement`
-checks the principal's roles on the ACL path (hvagent.policy) and answers 403; the
+checks the principal's roles on the ACL path (hvagent.access.policy) and answers 403; the
 middleware then writes the audit entry of every mutating request and every denial, once.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from hvagent.audit import AuditLog
-from hvagent.policy import (
+from hvagent.access.audit import AuditLog
+from hvagent.access.policy import (
     ROOT,
     AccessControl,
     Admission,
@@ -37,8 +37,8 @@ from hvagent.policy import (
     current_principal,
     vm_of,
 )
+from hvagent.access.tokens import Tokens, TokenStatus
 from hvagent.store import Store
-from hvagent.tokens import Tokens, TokenStatus
 
 log = logging.getLogger(__name__)
 

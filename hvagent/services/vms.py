@@ -19,21 +19,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from hvagent.access.policy import Admission
 from hvagent.config import AgentConfig
 from hvagent.disk import image
 from hvagent.disk.errors import DiskError
+from hvagent.drivers import machine
+from hvagent.drivers import net as bridge
+from hvagent.drivers.machine import VMFiles
+from hvagent.drivers.qmp import LAUNCH_QMP_TIMEOUT, QMP_TIMEOUT, Monitor, MonitorGone
 from hvagent.errors import Busy, Conflict, HVError, InvalidRequest, NotFound, OperationFailed
-from hvagent.jobs import Jobs
-from hvagent.net import bridge
-from hvagent.policy import Admission
+from hvagent.host.kvm import AccelChoice, choose_accel
+from hvagent.services import devices
+from hvagent.services.files import resolve as resolve_file
+from hvagent.services.jobs import Jobs
+from hvagent.services.limits import check_host_limits
+from hvagent.spec import DiskFormat, DiskSpec, VMSpec, VMState
 from hvagent.store import Store, VMRow
-from hvagent.vm import devices, machine
-from hvagent.vm.accel import AccelChoice, choose_accel
-from hvagent.vm.files import resolve as resolve_file
-from hvagent.vm.limits import check_host_limits
-from hvagent.vm.machine import VMFiles
-from hvagent.vm.qmp import LAUNCH_QMP_TIMEOUT, QMP_TIMEOUT, Monitor, MonitorGone
-from hvagent.vm.spec import DiskFormat, DiskSpec, VMSpec, VMState
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class VMService:
         self.storage_dir = config.storage_dir.resolve()
         # Host policy (quotas, disk formats, VLANs, nested virt); the app sets the real one.
         self.admission = Admission()
-        # Extensions (hvagent.vm.devices, hvagent.vm.checkpoints): QMP events with their
+        # Extensions (hvagent.services.devices, hvagent.services.checkpoints): QMP events with their
         # data (vm, event, data), and recovery work run once the VMs are reattached.
         self.event_listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
@@ -344,7 +345,7 @@ class VMService:
         return await self.get(name)
 
     async def _resolve(self, spec: VMSpec, created: builtins.list[Path]) -> VMSpec:
-        """Check every file the spec names (hvagent.vm.files: confined, and the caller's
+        """Check every file the spec names (hvagent.services.files: confined, and the caller's
         to use; recorded resolved) and create its new disks (recorded in `created` as they
         appear, so the caller can remove them on failure)."""
         boot: dict[str, str] = {}

@@ -1,5 +1,5 @@
 """The VM spec: what a VM is (desired state), validated. The source of truth from which
-the QEMU command line is rebuilt on every start (hvagent.vm.machine)."""
+the QEMU command line is rebuilt on every start (hvagent.drivers.machine)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 # at most 63 characters (a DNS label, so a name can also be a host name). Non-ASCII
 # names are refused: they would be file names whose byte length (sun_path!) differs from
 # their length in characters. The agent may refuse a long name at create when its
-# run_dir is long (hvagent.vm.limits: the QMP socket path must fit sun_path).
+# run_dir is long (hvagent.services.limits: the QMP socket path must fit sun_path).
 NAME_MAX = 63
 NAME_RE = rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}$"
 NAME_RULE = (f"1 to {NAME_MAX} characters of A-Z a-z 0-9 _ . - (ASCII), starting with a "
@@ -39,7 +39,7 @@ DEFAULT_MEMORY_SLOTS = 8
 AHCI_PORTS = 6
 
 # QEMU's own maxima for the machine the agent builds (q35, QEMU 7.2), independent of
-# the host (the host's limits are hvagent.vm.limits):
+# the host (the host's limits are hvagent.services.limits):
 # - vCPUs: q35 accepts 288, but above 255 APIC ids need x2APIC with interrupt
 #   remapping (an intel-iommu), which the agent does not configure: 255.
 # - memory: the default CPU models have 40 physical address bits (1 TiB of guest
@@ -292,7 +292,7 @@ class VMSpec(BaseModel):
                                json_schema_extra={"pattern": TEXT_PATTERN},
                                description="kernel command line (no control characters)")
     hotplug_ports: int = Field(default=DEFAULT_HOTPLUG_PORTS, ge=0, le=MAX_HOTPLUG_PORTS)
-    # Hot-added resources (hvagent.vm.devices). They are plugged again over QMP on every
+    # Hot-added resources (hvagent.services.devices). They are plugged again over QMP on every
     # start, before the guest runs, so that a checkpoint's device state always matches.
     hot_vcpus: int = Field(default=0, ge=0, lt=MAX_VCPUS,
                            description="of `vcpus`, how many are hot-added")

@@ -37,6 +37,9 @@ DEFAULT_HOTPLUG_PORTS = 8
 DEFAULT_MEMORY_SLOTS = 8
 # q35's built-in ICH9 AHCI controller has six ports (QEMU buses ide.0 .. ide.5).
 AHCI_PORTS = 6
+# 802.1Q VLAN ids a bridge NIC, a network or a policy may name (0 and 4095 are reserved).
+VLAN_MIN, VLAN_MAX = 1, 4094
+VLAN_RULE = f"{VLAN_MIN}..{VLAN_MAX}"
 
 # QEMU's own maxima for the machine the agent builds (q35, QEMU 7.2), independent of
 # the host (the host's limits are hvagent.services.limits):
@@ -209,8 +212,8 @@ class NicSpec(BaseModel):
     network: Literal["user", "bridge"] = Field(default="user", description=(
         "user: QEMU user-mode networking (NAT, no VLAN); bridge: a tap on the host "
         "bridge of VLAN `vlan` (hvbr<vlan>). Giving `vlan` alone means bridge"))
-    vlan: int | None = Field(default=None, ge=1, le=4094, description=(
-        "VLAN id (1..4094) of a bridge NIC; NICs on the same VLAN share one L2 segment"))
+    vlan: int | None = Field(default=None, ge=VLAN_MIN, le=VLAN_MAX, description=(
+        f"VLAN id ({VLAN_RULE}) of a bridge NIC; NICs on the same VLAN share one L2 segment"))
     model: Literal["virtio-net-pci"] = "virtio-net-pci"
     mac: str = Field(default_factory=lambda: random_mac(),
                      json_schema_extra={"pattern": MAC_PATTERN})
@@ -227,7 +230,7 @@ class NicSpec(BaseModel):
     @model_validator(mode="after")
     def _vlan_iff_bridge(self) -> NicSpec:
         if self.network == "bridge" and self.vlan is None:
-            raise cross_field("a bridge NIC needs a vlan (1..4094)")
+            raise cross_field(f"a bridge NIC needs a vlan ({VLAN_RULE})")
         if self.network == "user" and self.vlan is not None:
             raise cross_field("a user-mode NIC has no VLAN (use network: bridge)")
         return self

@@ -9,26 +9,21 @@ still `running` becomes `failed` ("agent restarted"): its worker died with the a
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
 
 from hvagent.errors import HVError, NotFound
 from hvagent.store import Store
+from hvagent.store.jobs import JobRow, JobStatus
+
+__all__ = ["Job", "JobStatus", "Jobs", "Progress", "Work"]
 
 log = logging.getLogger(__name__)
-
-
-class JobStatus(StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
 
 
 class Job(BaseModel):
@@ -55,39 +50,16 @@ class Jobs:
 
     def recover(self) -> int:
         """Fail the jobs a previous agent process left running; returns how many."""
-        now = time.time()
-        return self.store.execute(
-            "UPDATE jobs SET status = ?, error = ?, updated_at = ?, finished_at = ? "
-            "WHERE status = ?",
-            (JobStatus.FAILED, "agent restarted", now, now, JobStatus.RUNNING),
-        )
+        return self.store.jobs.fail_running("agent restarted")
 
     def create(self, kind: str, target: str) -> Job:
-        now = time.time()
-        job_id = uuid.uuid4().hex
-        self.store.execute(
-            "INSERT INTO jobs (id, kind, target, status, progress, created_at, updated_at) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (job_id, kind, target, JobStatus.RUNNING, 0.0, now, now),
-        )
-        return self.get(job_id)
+        return _job(self.store.jobs.add(uuid.uuid4().hex, kind, target))
 
     def set_progress(self, job_id: str, progress: float) -> None:
-        self.store.execute(
-            "UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ? AND status = ?",
-            (max(0.0, min(1.0, progress)), time.time(), job_id, JobStatus.RUNNING),
-        )
+        self.store.jobs.set_progress(job_id, max(0.0, min(1.0, progress)))
 
     def finish(self, job_id: str, error: str | None = None, result: Any = None) -> None:
-        now = time.time()
-        status = JobStatus.FAILED if error else JobStatus.SUCCEEDED
-        self.store.execute(
-            # A failed job keeps the progress it reached.
-            "UPDATE jobs SET status = ?, error = ?, result = ?, "
-            "progress = CASE WHEN ? THEN 1.0 ELSE progress END, "
-            "updated_at = ?, finished_at = ? WHERE id = ?",
-            (status, error, json.dumps(result), error is None, now, now, job_id),
-        )
+        self.store.jobs.finish(job_id, error, result)
 
     def start(self, kind: str, target: str, work: Work,
               on_done: Callable[[], None] | None = None) -> Job:
@@ -114,19 +86,13 @@ class Jobs:
         return job
 
     def get(self, job_id: str) -> Job:
-        rows = self.store.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        if not rows:
+        row = self.store.jobs.get(job_id)
+        if row is None:
             raise NotFound(f"job {job_id}: no such job")
-        return _job(rows[0])
+        return _job(row)
 
     def list(self, target: str | None = None) -> list[Job]:
-        if target is None:
-            rows = self.store.query("SELECT * FROM jobs ORDER BY created_at DESC")
-        else:
-            rows = self.store.query(
-                "SELECT * FROM jobs WHERE target = ? ORDER BY created_at DESC", (target,)
-            )
-        return [_job(r) for r in rows]
+        return [_job(r) for r in self.store.jobs.list(target)]
 
     async def wait(self, job_id: str) -> Job:
         task = self._tasks.get(job_id)
@@ -135,7 +101,5 @@ class Jobs:
         return self.get(job_id)
 
 
-def _job(row: Any) -> Job:
-    d = dict(row)
-    d["result"] = json.loads(d["result"]) if d.get("result") else None
-    return Job.model_validate(d)
+def _job(row: JobRow) -> Job:
+    return Job.model_validate(dataclasses.asdict(row))

@@ -1,9 +1,24 @@
-"""The agent's SQLite database: schema migrations and the rows of VMs.
+"""The agent's SQLite database: the connection, the schema migrations, and every SQL
+statement the agent runs, behind typed methods. Nothing outside this package writes SQL.
 
-Desired state (the VM spec, JSON) and observed state (state, pid, last error) live in
-one row per VM. Other areas (jobs, audit, networks, ...) add their tables by appending
-to MIGRATIONS: each entry runs once, in order, and PRAGMA user_version records how many
-ran. Never edit an entry that has shipped; append a new one.
+How the package is laid out (follow it when a table moves in or is added):
+- This module holds the connection (`Store`: one per agent, a lock for worker threads,
+  `transaction()`), MIGRATIONS, and the `vms` table, whose methods are Store's own
+  (`insert_vm`, `get_vm`, `list_vms`, `update_vm`, `delete_vm`): every area refers to VMs.
+- Every other area's tables live in one module of this package as a small table class
+  that takes the Store and runs its statements through `store.query`, `store.execute` and
+  `store.transaction`: store/jobs.py (`JobTable`), store/access.py (`TokenTable`,
+  `AclTable`, `OwnerTable`), store/audit.py (`AuditTable`). The Store hangs one instance
+  of each off itself, named after the table (`store.jobs.get(job_id)`,
+  `store.tokens.add(...)`): a new area is a new module and one line in `Store.__init__`.
+- Table classes take and return plain typed values and frozen row dataclasses defined
+  next to them (`JobRow`, `TokenRow`, ...), never sqlite3 rows; JSON columns are encoded
+  and decoded here. The models of the layers above (a job as the API shows it, a
+  token's status) are built from those rows up there.
+- The schema of every table is in MIGRATIONS below, in one place, whatever module owns
+  the statements: each entry runs once, in order, and PRAGMA user_version records how
+  many ran. Never edit an entry that has shipped; append a new one, and keep the
+  database dump of the schema before it (tests/fixtures/make_store_dump.py).
 
 A file that is not a usable database, or one a newer agent migrated further than
 MIGRATIONS goes, is refused with one line before anything writes to it.
@@ -21,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from hvagent.errors import OperationFailed
+from hvagent.store.jobs import JobTable
 
 MIGRATIONS: list[str] = [
     # 1: VMs
@@ -35,7 +51,7 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
-    # 2: jobs (hvagent.services.jobs)
+    # 2: jobs (hvagent.store.jobs)
     """
     CREATE TABLE jobs (
         id          TEXT PRIMARY KEY,
@@ -51,7 +67,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX jobs_target ON jobs(target);
     """,
-    # 3: access control and audit (hvagent.access.tokens, hvagent.access.audit)
+    # 3: access control and audit (hvagent.store.access, hvagent.store.audit)
     """
     CREATE TABLE tokens (
         id         TEXT PRIMARY KEY,
@@ -175,6 +191,7 @@ class Store:
         except BaseException:
             self.conn.close()
             raise
+        self.jobs = JobTable(self)
 
     def close(self) -> None:
         self.conn.close()

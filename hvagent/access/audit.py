@@ -4,6 +4,7 @@ or removes them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -32,11 +33,9 @@ class AuditLog:
 
     def record(self, *, principal: str, action: str, privilege: str | None, target: str,
                result: str, status: int, detail: str = "") -> None:
-        now = time.time()
-        self.store.execute(
-            "INSERT INTO audit (time, principal, action, privilege, target, result, status,"
-            " detail) VALUES (?,?,?,?,?,?,?,?)",
-            (now, principal, action, privilege, target, result, status, detail))
+        self.store.audit.append(time=time.time(), principal=principal, action=action,
+                                privilege=privilege, target=target, result=result,
+                                status=status, detail=detail)
         log.info("principal=%s action=%r privilege=%s target=%s result=%s status=%d%s",
                  principal, action, privilege or "-", target, result, status,
                  f" detail={detail!r}" if detail else "")
@@ -44,7 +43,5 @@ class AuditLog:
     def list(self, since: float | None = None, limit: int = 1000) -> list[AuditEntry]:
         """Entries at or after `since` (unix time), oldest first, at most `limit` (the
         newest ones when there are more)."""
-        rows = self.store.query(
-            "SELECT * FROM (SELECT * FROM audit WHERE time >= ? ORDER BY id DESC LIMIT ?)"
-            " ORDER BY id", (since or 0.0, limit))
-        return [AuditEntry(**dict(r)) for r in rows]
+        return [AuditEntry(**dataclasses.asdict(r))
+                for r in self.store.audit.list(since or 0.0, limit)]

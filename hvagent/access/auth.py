@@ -38,6 +38,7 @@ from hvagent.access.policy import (
     vm_of,
 )
 from hvagent.access.tokens import Tokens, TokenStatus
+from hvagent.spec import VMSpec
 from hvagent.store import Store
 
 log = logging.getLogger(__name__)
@@ -127,20 +128,13 @@ class Security:
     def usage(self, principal: str | None, exclude: str) -> Usage:
         """vCPUs and memory (ceilings) of the host's VMs, or of those `principal` owns,
         leaving out the VM `exclude` (the one being created or changed)."""
-        import json
-
-        sql = "SELECT v.name, v.spec FROM vms v"
-        args: tuple[Any, ...] = ()
-        if principal is not None:
-            sql += " JOIN vm_owners o ON o.name = v.name WHERE o.owner = ?"
-            args = (principal,)
         vcpus = mem = count = 0
-        for r in self.store.query(sql, args):
-            if r["name"] == exclude:
+        for row in self.store.list_vms(owned_by=principal):
+            if row.name == exclude:
                 continue
-            s = json.loads(r["spec"])
-            vcpus += max(s.get("vcpus") or 1, s.get("max_vcpus") or 0)
-            mem += max(s.get("memory_mib") or 0, s.get("max_memory_mib") or 0)
+            spec = VMSpec.model_validate_json(row.spec)
+            vcpus += max(spec.vcpus, spec.max_vcpus or 0)
+            mem += max(spec.memory_mib, spec.max_memory_mib or 0)
             count += 1
         return Usage(vcpus, mem, count)
 

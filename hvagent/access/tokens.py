@@ -10,7 +10,6 @@ again, so a revocation or an expiry takes effect on the next request.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import secrets
 import time
@@ -20,6 +19,7 @@ from enum import StrEnum
 from hvagent.access.policy import AclEntry, HostPolicy
 from hvagent.errors import InvalidRequest, NotFound
 from hvagent.store import Store
+from hvagent.store.access import AclRow, TokenRow
 
 PREFIX = "hvt_"
 PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -70,16 +70,6 @@ def parse_duration(value: str, field: str = "expires") -> float | None:
     return float(seconds)
 
 
-def _stored_time(value: object) -> float | None:
-    """A timestamp column as read: None stays None; anything else that is not a finite
-    number (a damaged row) becomes 0, which reads as long past: fail closed."""
-    if value is None:
-        return None
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    return 0.0
-
-
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -100,65 +90,51 @@ class Tokens:
         token = f"{PREFIX}{tid}_{secrets.token_urlsafe(32)}"
         now = time.time()
         expires = now + ttl if ttl is not None else None
-        self.store.execute(
-            "INSERT INTO tokens (id, principal, hash, comment, created_at, expires_at) "
-            "VALUES (?,?,?,?,?,?)", (tid, principal, token_hash(token), comment, now, expires))
+        self.store.tokens.add(TokenRow(tid, principal, token_hash(token), comment, now,
+                                       expires, None))
         return TokenInfo(tid, principal, comment, now, expires, None), token
 
     def list_tokens(self) -> list[TokenInfo]:
-        return [self._info(r) for r in self.store.query(
-            "SELECT * FROM tokens ORDER BY created_at")]
+        return [_info(r) for r in self.store.tokens.list()]
 
     def revoke(self, token_id: str) -> TokenInfo:
-        changed = self.store.execute(
-            "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-            (time.time(), token_id))
-        rows = self.store.query("SELECT * FROM tokens WHERE id = ?", (token_id,))
-        if not rows:
+        changed = self.store.tokens.revoke(token_id, time.time())
+        row = self.store.tokens.get(token_id)
+        if row is None:
             raise NotFound(f"token {token_id}: no such token")
         if not changed:
             raise InvalidRequest(f"token {token_id}: already revoked")
-        return self._info(rows[0])
+        return _info(row)
 
     def lookup(self, token: str) -> TokenInfo | None:
         """The token a bearer string names (in any status), None when unknown."""
         if not token.startswith(PREFIX):
             return None
-        rows = self.store.query("SELECT * FROM tokens WHERE hash = ?", (token_hash(token),))
-        return self._info(rows[0]) if rows else None
-
-    @staticmethod
-    def _info(r: object) -> TokenInfo:
-        created = _stored_time(r["created_at"])  # type: ignore[index]
-        return TokenInfo(str(r["id"]), str(r["principal"]),  # type: ignore[index]
-                         str(r["comment"] or ""), created or 0.0,  # type: ignore[index]
-                         _stored_time(r["expires_at"]),  # type: ignore[index]
-                         _stored_time(r["revoked_at"]))  # type: ignore[index]
+        row = self.store.tokens.by_hash(token_hash(token))
+        return _info(row) if row is not None else None
 
     # ACL grants made with `hvagent token create --role` (the policy file holds the rest)
 
     def grant(self, entry: AclEntry, policy: HostPolicy) -> None:
         if policy.role(entry.role) is None:
             raise InvalidRequest(f"role: unknown role {entry.role!r}")
-        self.store.execute(
-            "INSERT OR REPLACE INTO acl (path, principal, role, propagate) VALUES (?,?,?,?)",
-            (entry.path, entry.principal, entry.role, int(entry.propagate)))
+        self.store.acl.put(AclRow(entry.path, entry.principal, entry.role, entry.propagate))
 
     def grants(self) -> list[AclEntry]:
-        return [AclEntry(path=r["path"], principal=r["principal"], role=r["role"],
-                         propagate=bool(r["propagate"]))
-                for r in self.store.query("SELECT * FROM acl ORDER BY id")]
+        return [AclEntry(path=r.path, principal=r.principal, role=r.role,
+                         propagate=r.propagate) for r in self.store.acl.list()]
 
     # VM owners (the VMCreator role acts on the VMs its principal created)
 
     def set_owner(self, vm: str, principal: str) -> None:
-        self.store.execute("INSERT OR REPLACE INTO vm_owners (name, owner) VALUES (?,?)",
-                           (vm, principal))
+        self.store.owners.set(vm, principal)
 
     def owner(self, vm: str) -> str | None:
-        rows = self.store.query("SELECT owner FROM vm_owners WHERE name = ?", (vm,))
-        return str(rows[0][0]) if rows else None
+        return self.store.owners.get(vm)
 
     def owned_by(self, principal: str) -> list[str]:
-        return [str(r[0]) for r in self.store.query(
-            "SELECT name FROM vm_owners WHERE owner = ? ORDER BY name", (principal,))]
+        return self.store.owners.vms_of(principal)
+
+
+def _info(r: TokenRow) -> TokenInfo:
+    return TokenInfo(r.id, r.principal, r.comment, r.created_at, r.expires_at, r.revoked_at)

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from hvagent.errors import OperationFailed
+from hvagent.store.access import AclTable, OwnerTable, TokenTable
+from hvagent.store.audit import AuditTable
 from hvagent.store.jobs import JobTable
 
 MIGRATIONS: list[str] = [
@@ -192,6 +194,10 @@ class Store:
             self.conn.close()
             raise
         self.jobs = JobTable(self)
+        self.tokens = TokenTable(self)
+        self.acl = AclTable(self)
+        self.owners = OwnerTable(self)
+        self.audit = AuditTable(self)
 
     def close(self) -> None:
         self.conn.close()
@@ -240,8 +246,14 @@ class Store:
         rows = self.query("SELECT * FROM vms WHERE name = ?", (name,))
         return VMRow(**dict(rows[0])) if rows else None
 
-    def list_vms(self) -> list[VMRow]:
-        return [VMRow(**dict(r)) for r in self.query("SELECT * FROM vms ORDER BY name")]
+    def list_vms(self, owned_by: str | None = None) -> list[VMRow]:
+        """All VMs by name, or those the principal `owned_by` created (vm_owners)."""
+        if owned_by is None:
+            rows = self.query("SELECT * FROM vms ORDER BY name")
+        else:
+            rows = self.query("SELECT v.* FROM vms v JOIN vm_owners o ON o.name = v.name "
+                              "WHERE o.owner = ? ORDER BY v.name", (owned_by,))
+        return [VMRow(**dict(r)) for r in rows]
 
     def update_vm(self, name: str, **fields: Any) -> None:
         allowed = {"spec", "state", "pid", "last_error"}

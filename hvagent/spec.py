@@ -18,6 +18,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+# Stated in hvagent.host.formats (hvdisk and the builder share them, without pydantic).
+from hvagent.host.formats import DiskFormat, parse_size
+
 # VM names become file names (disks, logs, the QMP socket under run_dir) and appear in
 # QEMU's command line: ASCII letters, digits and `_.-`, starting with a letter or digit,
 # at most 63 characters (a DNS label, so a name can also be a host name). Non-ASCII
@@ -30,8 +33,6 @@ NAME_RULE = (f"1 to {NAME_MAX} characters of A-Z a-z 0-9 _ . - (ASCII), starting
              "letter or digit")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
-_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # Pre-created pcie-root-ports: the slots later hot-adds (disks, NICs) plug into.
 DEFAULT_HOTPLUG_PORTS = 8
 DEFAULT_MEMORY_SLOTS = 8
@@ -136,26 +137,9 @@ class Firmware(StrEnum):
     UEFI = "uefi"
 
 
-class DiskFormat(StrEnum):
-    QCOW2 = "qcow2"
-    RAW = "raw"
-    VPC = "vpc"  # VHD
-    VHDX = "vhdx"
-
-
 class BootDevice(StrEnum):
     DISK = "disk"
     NETWORK = "network"
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from 1073741824, "1G", "512M", "10GiB"."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE_RE.match(value.strip())
-    if not m:
-        raise ValueError(f"not a size: {value!r} (examples: 512M, 10G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 class DiskSpec(BaseModel):
@@ -179,7 +163,7 @@ class DiskSpec(BaseModel):
     @field_validator("format", mode="before")
     @classmethod
     def _vhd_alias(cls, v: object) -> object:
-        return "vpc" if v == "vhd" else v
+        return DiskFormat(v) if v == "vhd" else v
 
     @field_validator("size", mode="before")
     @classmethod

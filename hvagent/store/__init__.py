@@ -38,6 +38,7 @@ from typing import Any
 from hvagent.errors import OperationFailed
 from hvagent.store.access import AclTable, OwnerTable, TokenTable
 from hvagent.store.audit import AuditTable
+from hvagent.store.checkpoints import CheckpointTable
 from hvagent.store.jobs import JobTable
 
 MIGRATIONS: list[str] = [
@@ -105,7 +106,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_time ON audit(time);
     """,
-    # 4: checkpoints (hvagent.services.checkpoints)
+    # 4: checkpoints (hvagent.store.checkpoints)
     """
     CREATE TABLE checkpoints (
         id          TEXT PRIMARY KEY,
@@ -198,6 +199,7 @@ class Store:
         self.acl = AclTable(self)
         self.owners = OwnerTable(self)
         self.audit = AuditTable(self)
+        self.checkpoints = CheckpointTable(self)
 
     def close(self) -> None:
         self.conn.close()

@@ -9,11 +9,13 @@ its stderr, so callers never format subprocess errors themselves.
 - ``spawn``    a long-lived process (a QEMU, a FUSE export, disk-image-create) whose
                lifetime the caller owns; ``stop`` ends one, bounded.
 - ``aspawn``   ``spawn`` for asyncio code.
+
+asyncio is imported by the two functions that use it: hvdisk imports this module on
+every run, and asyncio alone would cost more than a small qemu-img conversion.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -21,11 +23,13 @@ import shlex
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from hvagent.errors import OperationFailed
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("hvagent.run")
 
@@ -52,8 +56,7 @@ class ProcessFailed(OperationFailed):
         self.stderr = stderr
 
 
-@dataclass(frozen=True)
-class Completed:
+class Completed(NamedTuple):  # (not a dataclass: that import costs hvdisk ~10 ms)
     argv: list[str]
     returncode: int
     stdout: bytes
@@ -133,6 +136,8 @@ async def arun(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check:
                input: bytes | None = None, env: Mapping[str, str] | None = None,
                what: str | None = None) -> Completed:
     """``run`` for asyncio code: the loop keeps serving while the command runs."""
+    import asyncio
+
     args = [str(a) for a in argv]
     log.debug("run: %s", _describe(args))
     try:
@@ -173,6 +178,8 @@ async def aspawn(argv: Sequence[str | os.PathLike[str]], *, stdout: int | None =
                  stderr: int | None = PIPE, what: str | None = None,
                  **kwargs: Any) -> asyncio.subprocess.Process:
     """``spawn`` for asyncio code."""
+    import asyncio
+
     args = [str(a) for a in argv]
     log.debug("spawn: %s", _describe(args))
     try:

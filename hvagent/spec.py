@@ -132,6 +132,12 @@ class VMState(StrEnum):
     UNRESPONSIVE = "unresponsive"  # QEMU runs but its QMP monitor does not answer
 
 
+# The states in which QEMU runs (so: no start, no delete, no offline disk edit); of these,
+# only the ANSWERING ones take QMP commands. An unresponsive VM can still be stopped.
+ANSWERING_STATES = frozenset({VMState.RUNNING, VMState.PAUSED})
+ACTIVE_STATES = frozenset({*ANSWERING_STATES, VMState.UNRESPONSIVE})
+
+
 class Firmware(StrEnum):
     BIOS = "bios"
     UEFI = "uefi"

@@ -7,23 +7,21 @@ import datetime as dt
 import json
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from hvagent.cli.hvctl.client import Agent
 from hvagent.errors import InvalidRequest
 
 _AGO = re.compile(r"^(\d+)\s*([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def add_parser(top: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = top.add_parser("audit", help="the agent's audit log (mutations and denials)")
     a.add_argument("--since", metavar="WHEN",
                    help="only newer entries: 30m, 2h, 1d (ago), an ISO time or unix seconds")
     a.add_argument("--limit", type=int, default=1000, help="at most N entries (newest)")
+    a.set_defaults(func=audit)
 
 
 def parse_since(value: str, now: float | None = None) -> float:
@@ -43,14 +41,17 @@ def parse_since(value: str, now: float | None = None) -> float:
     return when.timestamp()
 
 
-def run(args: argparse.Namespace, call: Callable[..., Any]) -> None:
+def audit(args: argparse.Namespace, agent: Agent) -> None:
     params: dict[str, Any] = {"limit": args.limit}
     if args.since:
         params["since"] = parse_since(args.since)
-    entries = call(args, "GET", "/audit", params=params)
+    entries = agent.get("/audit", params=params)
     if args.json:
         print(json.dumps(entries, indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     rows = [(dt.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds"),
              e["principal"], e["result"], str(e["status"]), e["action"], e["target"],

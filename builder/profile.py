@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from builder.paths import display, profiles_dir
+from hvagent.config import AgentConfig
+from hvagent.host.kvm import Accel
 
 LinePath = tuple[str | int, ...]
 
@@ -74,14 +77,31 @@ class User:
     sudo: bool = False
 
 
+# The agent settings an image profile may choose. hvagent.config.AgentConfig owns them,
+# their types and their defaults; the rest of its settings (TLS, tokens) belong to a host.
+AGENT_KEYS = ("accel", "listen", "state_dir", "storage_dir", "run_dir", "log_dir")
+
+
 @dataclass(frozen=True)
 class AgentSettings:
-    accel: str = "auto"
-    listen: str = "/run/hvagent/hvagent.sock"
-    state_dir: str = "/var/lib/hvagent"
-    storage_dir: str = "/var/lib/hvagent/images"
-    run_dir: str = "/run/hvagent"
-    log_dir: str = "/var/log/hvagent"
+    """The image's agent configuration: the profile's `agent:` block validated into
+    hvagent.config.AgentConfig, the agent's own defaults filling the unset keys.
+    Templates read each setting as text (`profile.agent.storage_dir`)."""
+
+    config: AgentConfig
+
+    def __getattr__(self, key: str) -> str:
+        if key in AGENT_KEYS:
+            return str(getattr(self.config, key))
+        raise AttributeError(key)
+
+    def to_dict(self) -> dict[str, str]:
+        return {key: str(getattr(self.config, key)) for key in AGENT_KEYS}
+
+    @property
+    def writable_dirs(self) -> tuple[str, ...]:
+        """Every directory the agent writes (its unit's ReadWritePaths), each once."""
+        return tuple(dict.fromkeys(str(d) for _, d in self.config.writable_dirs()))
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,7 @@ class Profile:
         """The resolved profile as plain data (for --dry-run, manifest.json, input hash)."""
         d = asdict(self)
         d.pop("locations")
+        d["agent"] = self.agent.to_dict()
         d["path"] = display(self.path)
         d["outputs"] = [str(o) for o in self.outputs]
         for key in ("extends_chain", "elements", "packages", "packages_removed"):
@@ -459,26 +480,39 @@ def _cmdline(doc: _Doc, path: LinePath, v: Any) -> str:
     return s.strip()
 
 
+def _schema_error(doc: _Doc, path: LinePath, e: ValidationError) -> ProfileError:
+    """The first error of the agent's own schema, located at its key in the profile."""
+    err = e.errors()[0]
+    loc = tuple(str(x) if isinstance(x, str) else x for x in err["loc"])
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    return doc.error((*path, *loc), msg.removeprefix("Value error, "))
+
+
 def _agent(doc: _Doc, path: LinePath, v: Any) -> dict[str, str]:
-    keys = tuple(AgentSettings.__dataclass_fields__)
-    _mapping(doc, path, v, keys)
+    """The agent settings, checked with the agent's own schema (AgentConfig). Paths must
+    be absolute here: the image's agent has no working directory to resolve them from."""
+    _mapping(doc, path, v, AGENT_KEYS)
+    accels = [a.value for a in Accel]
     out: dict[str, str] = {}
     for k, val in v.items():
         s = _str()(doc, (*path, k), val)
         if k == "accel":
-            if s not in ("auto", "kvm", "tcg"):
-                raise doc.error((*path, k), f"expected auto, kvm or tcg, got {s!r}")
+            if s not in accels:
+                raise doc.error((*path, k), f"expected {', '.join(accels[:-1])} or "
+                                f"{accels[-1]}, got {s!r}")
         elif not s.startswith("/"):
             raise doc.error((*path, k), f"expected an absolute path, got {s!r}")
         out[k] = s
+    try:
+        AgentConfig.model_validate(out)
+    except ValidationError as e:
+        raise _schema_error(doc, path, e) from None
     return out
 
 
 def _policy(doc: _Doc, path: LinePath, v: Any) -> dict[str, Any]:
     """The agent's host policy, checked now with the agent's own schema so a mistake
     fails the build (naming the profile line), not the agent's start on the host."""
-    from pydantic import ValidationError
-
     from hvagent.access.policy import HostPolicy
 
     if not isinstance(v, dict):
@@ -506,10 +540,7 @@ def _policy(doc: _Doc, path: LinePath, v: Any) -> dict[str, Any]:
         # strict: true is not 1 and 4.0 is not 4 (pydantic's lax mode would accept both).
         HostPolicy.model_validate_json(json.dumps(v), strict=True)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(str(x) if isinstance(x, str) else x for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise doc.error((*path, *loc), msg.removeprefix("Value error, ")) from None
+        raise _schema_error(doc, path, e) from None
     return v
 
 
@@ -544,7 +575,8 @@ FIELDS: tuple[Field, ...] = (
     Field("kernel_cmdline", _cmdline, Merge.OVERRIDE, "",
           "Appended to DIB's default kernel command line."),
     Field("agent", _agent, Merge.KEYWISE, {},
-          "hvagent settings: accel, listen, state_dir, storage_dir, run_dir, log_dir."),
+          f"hvagent settings: {', '.join(AGENT_KEYS)}; unset keys keep the agent's defaults "
+          "(hvagent.config.AgentConfig)."),
     Field("policy", _policy, Merge.KEYWISE, {},
           "hvagent host policy (/etc/hvagent/policy.yaml): quotas, disk_formats, vlans, "
           "nested_virtualization, roles, acl; merged key by key."),
@@ -653,7 +685,7 @@ def load(ref: str | Path) -> Profile:
         outputs=tuple(merged["outputs"]),
         users=users,
         kernel_cmdline=merged["kernel_cmdline"],
-        agent=AgentSettings(**merged["agent"]),
+        agent=AgentSettings(AgentConfig.model_validate(merged["agent"])),
         policy=merged["policy"],
         test_access=merged["test_access"],
         locations=locations,

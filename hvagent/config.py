@@ -73,6 +73,9 @@ class TLSConfig(BaseModel):
 
 
 class AgentConfig(BaseModel):
+    """The agent's settings and their defaults, stated here only: the image builder
+    validates a profile's `agent:` block with this model too."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     listen: Path = Path("/run/hvagent/hvagent.sock")
@@ -89,12 +92,17 @@ class AgentConfig(BaseModel):
     def database(self) -> Path:
         return self.state_dir / "hvagent.db"
 
+    def writable_dirs(self) -> tuple[tuple[str, Path], ...]:
+        """Every directory the agent writes, with the key that names it: the agent makes
+        them at start, and the image's unit grants exactly these (ReadWritePaths)."""
+        return (("state_dir", self.state_dir), ("storage_dir", self.storage_dir),
+                ("run_dir", self.run_dir), ("log_dir", self.log_dir),
+                ("listen", self.listen.parent))
+
     def make_dirs(self) -> None:
         """Create the agent's directories; each must be a directory the agent can write
         (one line naming the key otherwise)."""
-        for key, d in (("state_dir", self.state_dir), ("storage_dir", self.storage_dir),
-                       ("run_dir", self.run_dir), ("log_dir", self.log_dir),
-                       ("listen", self.listen.parent)):
+        for key, d in self.writable_dirs():
             try:
                 if d.exists() and not d.is_dir():
                     raise InvalidRequest(f"{key}: {d} exists and is not a directory")

@@ -1,7 +1,9 @@
 """Partition management on the booted host: the agent creates and starts a child VM.
 
 The child direct-boots the host's own kernel and initrd, so the check needs no guest
-image; the agent decides KVM (nested) or TCG by itself (hvagent.host.kvm).
+image; the agent decides KVM (nested) or TCG by itself (hvagent.host.kvm). Its new disk
+goes to the profile's storage_dir (the CI profile moves it to /srv/vms), which the
+agent's sandboxed unit must be allowed to write.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import yaml
 from testinfra.host import Host
 
 # The host runs under TCG in CI, and the child under nested virtualization on top:
@@ -63,3 +66,38 @@ def test_child_vm_boots_the_hosts_kernel(host: Host, child: str) -> None:
 
     shown = json.loads(host.check_output(f"hvctl --json vm show {child}"))
     assert shown["state"] == "running"
+
+
+def agent_config(host: Host) -> dict[str, str]:
+    cfg = yaml.safe_load(host.file("/etc/hvagent/hvagent.yaml").content_string)
+    assert isinstance(cfg, dict)
+    return cfg
+
+
+def test_unit_may_write_the_storage_dir(host: Host) -> None:
+    storage = agent_config(host)["storage_dir"]
+    shown = host.check_output("systemctl show --property=ReadWritePaths hvagent.service")
+    writable = [p.lstrip("-") for p in shown.removeprefix("ReadWritePaths=").split()]
+    assert storage in writable, shown
+
+
+def test_child_vm_disk_is_created_in_the_storage_dir(host: Host, child: str) -> None:
+    storage = agent_config(host)["storage_dir"]
+    kernel, initrd = host_kernel(host)
+    create = host.run(
+        f"hvctl vm create {child} --vcpus 1 --memory 256 --new-disk 64M --kernel {kernel} "
+        f"--initrd {initrd} --append {shlex.quote('console=ttyS0 panic=-1')}"
+    )
+    assert create.rc == 0, create.stderr
+    shown = json.loads(host.check_output(f"hvctl --json vm show {child}"))
+    disk = shown["spec"]["disks"][0]["path"]
+    assert disk.startswith(storage.rstrip("/") + "/"), (disk, storage)
+    assert host.file(disk).is_file
+
+    start = host.run(f"hvctl vm start {child}")
+    assert start.rc == 0, start.stderr
+    shown = json.loads(host.check_output(f"hvctl --json vm show {child}"))
+    assert shown["state"] == "running"
+    # The running QEMU holds the disk in the storage dir open for writing.
+    held = host.run(f"ls -l /proc/{shown['pid']}/fd")
+    assert held.rc == 0 and disk in held.stdout, held.stdout

@@ -268,6 +268,43 @@ def test_no_policy_renders_the_agents_defaults(profiles: Path, tmp_path: Path) -
     assert load_policy(rendered) == HostPolicy()
 
 
+def test_agent_defaults_are_the_agents_own(profiles: Path) -> None:
+    from hvagent.config import AgentConfig
+
+    write(profiles, "plain", "name: plain\nelements: [vm]\n")
+    p = load(profiles / "plain.yaml")
+    assert p.agent.config == AgentConfig()
+    assert p.to_dict()["agent"]["storage_dir"] == str(AgentConfig().storage_dir)
+
+
+def test_a_moved_storage_dir_is_writable_for_the_agents_unit(profiles: Path,
+                                                              tmp_path: Path) -> None:
+    # The unit's sandbox (ProtectSystem=strict) and tmpfiles.d follow the profile's
+    # directories; a hard-coded ReadWritePaths left a moved storage_dir read-only.
+    from builder import render
+    from hvagent.config import AgentConfig, load_settings
+
+    write(profiles, "moved", """\
+        name: moved
+        elements: [debian-minimal, vm, hvagent]
+        agent: {storage_dir: /srv/vms, listen: /run/hvsock/hvagent.sock}
+        """)
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    static = render.render_overlay(load(profiles / "moved.yaml"), build_dir, None) / (
+        f"{render.OVERLAY}/static")
+    unit = (static / "usr/lib/systemd/system/hvagent.service").read_text()
+    rw = next(ln for ln in unit.splitlines() if ln.startswith("ReadWritePaths="))
+    assert rw.removeprefix("ReadWritePaths=").split() == [
+        "-/var/lib/hvagent", "-/srv/vms", "-/run/hvagent", "-/var/log/hvagent", "-/run/hvsock"]
+    tmpfiles = (static / "usr/lib/tmpfiles.d/hvagent.conf").read_text()
+    assert "d /srv/vms 0750 root hvagent -\n" in tmpfiles
+    assert "d /run/hvsock 0750 root hvagent -\n" in tmpfiles
+    config = load_settings(static / "etc/hvagent/hvagent.yaml", AgentConfig)
+    assert str(config.storage_dir) == "/srv/vms"
+
+
+
 # ---------------------------------------------------------------- hostile files and values
 # Each member of the family gets one `file:line: field: message` line (never a traceback,
 # never a hang): YAML features profiles do not need, files that are not profiles, and

@@ -1,91 +1,39 @@
-"""Who may do what, and what the host allows at all.
+"""What the host allows at all: the host policy file and the admission checks.
 
-Owns the host policy file (/etc/hvagent/policy.yaml, the group-policy analog): roles
-(built-in and custom), ACL entries (path, principal, role, propagate), quotas, allowed disk
-formats, allowed VLANs per role, whether nested virtualization is exposed to guests and
-the shared image libraries.
+Owns the host policy file (/etc/hvagent/policy.yaml, the group-policy analog): custom
+roles, ACL entries (hvagent.access.acl), quotas, allowed disk formats, allowed VLANs per
+role, whether nested virtualization is exposed to guests and the shared image libraries.
 
-Access decisions follow Proxmox VE: a role is a set of privileges; an ACL entry grants a
-role to a principal on a path (`/`, `/vms`, `/vms/<name>`, `/networks/<name>`); an entry
-with `propagate` also covers the paths below it, and the most specific path that has
-entries for the principal decides (a specific entry replaces what is inherited).
-A role marked `owner_only` (VMCreator) grants its privileges on a single VM only to the
-principal that created that VM.
-
-`Admission` is what the VM service asks before it creates or grows a VM; nothing here
-knows HTTP. The principal of the running request is in the context variable
-`current_principal` (set by hvagent.access.auth), so the service need not pass it around.
+`Admission` is what the VM service asks before it creates or grows a VM: quotas, disk
+formats, VLANs, and the access decision for the principal of the running request
+(hvagent.access.principal.current_principal). Nothing here knows HTTP.
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hvagent.access.acl import AccessControl, AclEntry, vm_of
+from hvagent.access.principal import current_principal
+from hvagent.access.privileges import ADMINISTRATOR, ALL_PRIVILEGES, BUILTIN_ROLES, Role
 from hvagent.config import load_settings
 from hvagent.errors import HVError
+from hvagent.host.formats import DiskFormat
+from hvagent.spec import VLAN_MAX, VLAN_MIN, VLAN_RULE
 
-ROOT = "root"  # the built-in principal of a uid-0 peer on the unix socket
+__all__ = ["AclEntry", "Admission", "HostPolicy", "PolicyDenied", "Quotas", "RoleDef",
+           "Usage", "load_policy"]
 
 
 class PolicyDenied(HVError):
     """A request the host policy refuses; the message names the rule."""
 
     kind = "forbidden"
-
-
-# Privileges by name; kept as strings here so this module does not depend on the API
-# layer (hvagent.access.auth.Privilege is the StrEnum of the same names).
-VM_CONFIG = ("VM.Config.CPU", "VM.Config.Memory", "VM.Config.Disk", "VM.Config.Network",
-             "VM.Config.Options")
-ALL_PRIVILEGES = (
-    "VM.Allocate", *VM_CONFIG, "VM.PowerMgmt", "VM.Console", "VM.Snapshot",
-    "VM.Snapshot.Rollback", "VM.Audit", "Disk.Read", "Disk.Write", "Network.Allocate",
-    "Sys.Audit", "Sys.Modify", "Permissions.Modify",
-)
-
-
-@dataclass(frozen=True)
-class Role:
-    name: str
-    privileges: frozenset[str]
-    owner_only: bool = False  # on /vms/<name>: only for the principal that created it
-
-
-BUILTIN_ROLES: dict[str, Role] = {r.name: r for r in (
-    Role("Administrator", frozenset(ALL_PRIVILEGES)),
-    # Creates VMs and manages the ones it created; nothing on other principals' VMs.
-    Role("VMCreator", frozenset({"VM.Allocate", "VM.Audit", *VM_CONFIG, "VM.PowerMgmt",
-                                 "VM.Console", "VM.Snapshot", "VM.Snapshot.Rollback"}),
-         owner_only=True),
-    # Runs and reconfigures existing VMs; may not create or delete any (no VM.Allocate).
-    # Sys.Audit: the agent's status, the audit log and every job where it holds the role
-    # on / (the jobs of the VMs it may see need only VM.Audit).
-    Role("VMOperator", frozenset({*VM_CONFIG, "VM.PowerMgmt", "VM.Console", "VM.Snapshot",
-                                  "VM.Snapshot.Rollback", "VM.Audit", "Sys.Audit"})),
-    Role("Auditor", frozenset({"VM.Audit", "Sys.Audit"})),
-)}
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who sends a request: `root` (uid-0 peer on the unix socket) or a token's owner."""
-
-    name: str
-    token_id: str | None = None
-
-    @property
-    def is_root(self) -> bool:
-        return self.name == ROOT and self.token_id is None
-
-
-current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
-    "current_principal", default=None)
 
 
 # the policy file
@@ -108,21 +56,6 @@ class RoleDef(_Strict):
         return v
 
 
-class AclEntry(_Strict):
-    path: str = Field(pattern=r"^/([A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*)?$", max_length=1024)
-    principal: str = Field(min_length=1)
-    role: str
-    propagate: bool = True
-
-    @field_validator("path")
-    @classmethod
-    def _canonical(cls, v: str) -> str:
-        # "." and ".." would name a different path than the one access checks compare.
-        if any(part in (".", "..") for part in v.split("/")):
-            raise ValueError(f"{v!r} is not a canonical path (no . or .. parts)")
-        return v
-
-
 class Quotas(_Strict):
     """Absent = unlimited. Per VM counts the VM's ceiling (max_vcpus, max_memory_mib):
     a VM can grow to it by hot-add."""
@@ -138,7 +71,7 @@ class Quotas(_Strict):
 
 class HostPolicy(_Strict):
     quotas: Quotas = Quotas()
-    disk_formats: list[str] = ["qcow2", "raw", "vpc", "vhdx"]
+    disk_formats: list[str] = [f.value for f in DiskFormat]  # QEMU's names ("vhd" parses)
     # role name -> VLAN ids it may attach NICs to; a role not listed may use none.
     vlans: dict[str, list[int]] = {}
     nested_virtualization: bool = True
@@ -153,10 +86,10 @@ class HostPolicy(_Strict):
     def _formats(cls, v: list[str]) -> list[str]:
         out = []
         for f in v:
-            f = "vpc" if f == "vhd" else f
-            if f not in ("qcow2", "raw", "vpc", "vhdx"):
-                raise ValueError(f"unknown disk format {f!r}")
-            out.append(f)
+            try:
+                out.append(DiskFormat(f).value)
+            except ValueError:
+                raise ValueError(f"unknown disk format {f!r}") from None
         return out
 
     @field_validator("vlans")
@@ -164,8 +97,8 @@ class HostPolicy(_Strict):
     def _vlan_ids(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
         for role, ids in v.items():
             for i in ids:
-                if not 1 <= i <= 4094:
-                    raise ValueError(f"{role}: VLAN id {i} is not in 1..4094")
+                if not VLAN_MIN <= i <= VLAN_MAX:
+                    raise ValueError(f"{role}: VLAN id {i} is not in {VLAN_RULE}")
         return v
 
     @field_validator("library")
@@ -199,55 +132,6 @@ def load_policy(path: Path) -> HostPolicy:
     if not path.exists():
         return HostPolicy()
     return load_settings(path, HostPolicy)
-
-
-# access decisions
-
-
-def _ancestors(path: str) -> list[str]:
-    """/vms/a -> ["/vms/a", "/vms", "/"] (most specific first)."""
-    parts = [p for p in path.split("/") if p]
-    return ["/" + "/".join(parts[:i]) for i in range(len(parts), -1, -1)]
-
-
-def vm_of(path: str) -> str | None:
-    parts = [p for p in path.split("/") if p]
-    return parts[1] if len(parts) >= 2 and parts[0] == "vms" else None
-
-
-@dataclass
-class AccessControl:
-    """ACL entries (policy file + entries stored by `hvagent token create --role`)."""
-
-    policy: HostPolicy
-    stored: list[AclEntry] = field(default_factory=list)
-
-    def entries(self) -> Iterable[AclEntry]:
-        yield from self.policy.acl
-        yield from self.stored
-
-    def roles_on(self, principal: str, path: str) -> list[Role]:
-        """The roles `principal` holds on `path`: the most specific level with entries."""
-        mine = [e for e in self.entries() if e.principal == principal]
-        for level in _ancestors(path):
-            found = [e for e in mine if e.path == level and (e.propagate or level == path)]
-            if found:
-                return [r for e in found if (r := self.policy.role(e.role)) is not None]
-        return []
-
-    def allowed(self, principal: Principal, privilege: str, path: str,
-                owner: str | None) -> bool:
-        """`owner` is the creator of the VM `path` names (None: no VM, or unknown)."""
-        if principal.is_root:
-            return True
-        vm = vm_of(path)
-        for role in self.roles_on(principal.name, path):
-            if privilege not in role.privileges:
-                continue
-            if role.owner_only and vm is not None and owner != principal.name:
-                continue
-            return True
-        return False
 
 
 # admission: quotas, formats, VLANs (asked by the VM service)
@@ -295,7 +179,7 @@ class Admission:
         who = current_principal.get()
         if who is None or who.is_root:
             return True
-        return any(r.name == "Administrator" for r in self._acl().roles_on(who.name, "/vms"))
+        return any(r.name == ADMINISTRATOR for r in self._acl().roles_on(who.name, "/vms"))
 
     def admit(self, spec: Any, previous: Any = None) -> None:
         """Raise PolicyDenied naming the first rule `spec` breaks (`previous`: the VM's
@@ -348,7 +232,7 @@ class Admission:
         if who is None or who.is_root:
             return
         roles = [r.name for r in self._acl().roles_on(who.name, path)]
-        if "Administrator" in roles:
+        if ADMINISTRATOR in roles:
             return  # like root: any VLAN
         allowed = {v for r in roles for v in self.policy.vlans.get(r, [])}
         for v in vlans:

@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from hvagent.access import auth
 from hvagent.access.policy import load_policy
-from hvagent.api import audit, errors, listeners, v1
+from hvagent.access.security import Security
+from hvagent.api import audit, auth, errors, listeners, v1
 from hvagent.config import AgentConfig, agent_version
 from hvagent.services.checkpoints import CheckpointService
 from hvagent.services.devices import DeviceService
@@ -28,7 +28,7 @@ def create_app(config: AgentConfig) -> FastAPI:
         store = Store(config.database)
         jobs = Jobs(store)
         vms = VMService(config, store, jobs)
-        app.state.security = security = auth.Security(store, policy)
+        app.state.security = security = Security(store, policy)
         vms.admission = security.admission()
         # Before startup: they listen to QMP events and recover interrupted work.
         app.state.devices = DeviceService(vms)

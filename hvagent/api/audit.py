@@ -8,8 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from hvagent.access.audit import AuditEntry
-from hvagent.access.auth import Privilege as P
-from hvagent.access.auth import Security, require
+from hvagent.access.privileges import Privilege as P
+from hvagent.access.security import Security
+from hvagent.api.auth import require
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from hvagent.access.auth import Privilege as P
-from hvagent.access.auth import require
+from hvagent.access.privileges import Privilege as P
+from hvagent.api.auth import require
 from hvagent.api.schemas import CheckpointName, VMName
 from hvagent.services.checkpoints import Checkpoint, CheckpointService
 from hvagent.services.jobs import Job

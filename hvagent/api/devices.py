@@ -9,8 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from hvagent.access.auth import Privilege as P
-from hvagent.access.auth import require
+from hvagent.access.privileges import Privilege as P
+from hvagent.api.auth import require
 from hvagent.api.schemas import HostPathQuery, Mac, VMName
 from hvagent.services.devices import DEFAULT_UNPLUG_TIMEOUT, Change, DeviceService
 from hvagent.spec import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, DiskSpec, NicSpec

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import BaseModel, Field
 
-from hvagent.access.auth import Privilege as P
-from hvagent.access.auth import require
+from hvagent.access.privileges import Privilege as P
 from hvagent.api import deps
+from hvagent.api.auth import require
 from hvagent.disk import fs as guestfs
 from hvagent.disk.errors import DiskError, ImageInUse
 from hvagent.disk.p2v import detect_boot

@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from hvagent.access.auth import _routes as routes_of  # every route, with its full path
+from hvagent.api.routes import routes
 from hvagent.errors import Busy, HVError
 
 STATUS = {
@@ -34,8 +34,8 @@ STATUS = {
     "error": 500,
 }
 PROBLEM = "application/problem+json"
-
-
+# The methods that change something: they can meet a conflict or fail, and every one is
+# audited (hvagent.api.auth).
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -95,7 +95,7 @@ def allowed_methods(app: FastAPI, request: Request) -> str:
     with the fewest parameters (/vms/import is the import resource, not the VM
     `import`), as the OpenAPI document describes it."""
     found: dict[int, set[str]] = {}
-    for path, route, _ in routes_of(app):
+    for path, route in routes(app):
         if compile_path(path)[0].match(request.url.path):
             found.setdefault(path.count("{"), set()).update(getattr(route, "methods", ()))
     return ", ".join(sorted(found[min(found)])) if found else ""
@@ -134,7 +134,7 @@ def declare(app: FastAPI) -> None:
         problem_ref = {"$ref": "#/components/schemas/Problem"}
         schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
             "Problem", {"type": "object", "required": ["title", "status", "detail"]})
-        for path, route, _ in routes_of(app):
+        for path, route in routes(app):
             if not isinstance(route, APIRoute) or not route.include_in_schema:
                 continue
             for method in route.methods or ():

@@ -11,9 +11,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from hvagent.access.auth import Privilege as P
-from hvagent.access.auth import require
+from hvagent.access.privileges import Privilege as P
 from hvagent.api import deps
+from hvagent.api.auth import require
 from hvagent.api.schemas import JobId, TargetQuery
 from hvagent.errors import NotFound
 from hvagent.services.jobs import Job, Jobs

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from hvagent.access.auth import Privilege as P
-from hvagent.access.auth import require
+from hvagent.access.privileges import Privilege as P
 from hvagent.api import checkpoints, devices, disks, jobs, vms
+from hvagent.api.auth import require
 from hvagent.api.deps import vms as vms_dep
 from hvagent.api.schemas import AgentInfo
 from hvagent.config import agent_version
@@ -28,4 +28,4 @@ async def agent_info(request: Request,
                      svc: Annotated[VMService, Depends(vms_dep)]) -> AgentInfo:
     accel = svc.accel
     return AgentInfo(version=agent_version(), accel=str(accel.accel), accel_reason=accel.reason,
-                     vms=len(svc.store.list_vms()))
+                     vms=svc.count())

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, status
 
-from hvagent.access.auth import Privilege as P
-from hvagent.access.auth import permitted, require
+from hvagent.access.privileges import Privilege as P
 from hvagent.api import deps
+from hvagent.api.auth import permitted, require
 from hvagent.api.schemas import Console, Deleted, StopRequest, VMName
 from hvagent.services.vms import VMInfo, VMService
 from hvagent.spec import VMSpec
@@ -21,7 +21,7 @@ Service = Annotated[VMService, Depends(deps.vms)]
 @router.get("", dependencies=[Depends(require(P.VM_AUDIT, "/vms"))])
 async def list_vms(request: Request, svc: Service) -> list[VMInfo]:
     # Only the VMs the principal may see (a VMCreator: the ones it created).
-    return [vm for vm in await svc.list() if permitted(request, P.VM_AUDIT, f"/vms/{vm.name}")]
+    return [vm for vm in await svc.list_vms() if permitted(request, P.VM_AUDIT, f"/vms/{vm.name}")]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED,

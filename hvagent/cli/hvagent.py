@@ -27,7 +27,7 @@ log = logging.getLogger("hvagent")
 
 def bind_unix(path: Path) -> socket.socket:
     """A listening unix socket for root and group hvagent (0660; 0600 if the group does
-    not exist). Peers other than uid 0 still need a token (hvagent.access.auth)."""
+    not exist). Peers other than uid 0 still need a token (hvagent.api.auth)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX)

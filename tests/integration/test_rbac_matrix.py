@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 from secure_agent import SecureAgent
 
-from hvagent.access.auth import Privilege, Requirement, route_privileges, undeclared_routes
+from hvagent.access.privileges import Privilege
 from hvagent.api.app import create_app
+from hvagent.api.auth import Requirement, route_privileges, undeclared_routes
 from hvagent.config import AgentConfig
 
 pytestmark = pytest.mark.integration

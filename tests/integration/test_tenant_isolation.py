@@ -20,8 +20,8 @@ import httpx
 import pytest
 from secure_agent import SecureAgent
 
-from hvagent.access.auth import route_privileges
 from hvagent.api.app import create_app
+from hvagent.api.auth import route_privileges
 from hvagent.config import AgentConfig
 
 pytestmark = pytest.mark.integration

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from hvagent.access.audit import AuditLog
-from hvagent.access.auth import Privilege, route_privileges
 from hvagent.access.policy import load_policy
+from hvagent.access.privileges import Privilege
 from hvagent.access.tokens import MAX_TTL_DAYS, Tokens, parse_duration
 from hvagent.api.app import create_app
+from hvagent.api.auth import route_privileges
 from hvagent.cli import hvagent as hvagent_cli
 from hvagent.config import AgentConfig, load_config
 from hvagent.errors import HVError, InvalidRequest, NotFound

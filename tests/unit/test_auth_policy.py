@@ -11,19 +11,13 @@ from typing import Any
 import pytest
 from fastapi import Depends, FastAPI
 
-from hvagent.access.auth import Privilege, Security, check_routes, require, undeclared_routes
-from hvagent.access.policy import (
-    AccessControl,
-    AclEntry,
-    Admission,
-    HostPolicy,
-    PolicyDenied,
-    Principal,
-    Usage,
-    current_principal,
-    load_policy,
-)
+from hvagent.access.acl import AccessControl, AclEntry
+from hvagent.access.policy import Admission, HostPolicy, PolicyDenied, Usage, load_policy
+from hvagent.access.principal import Principal, current_principal
+from hvagent.access.privileges import Privilege
+from hvagent.access.security import Security
 from hvagent.access.tokens import Tokens, TokenStatus, parse_duration, token_hash
+from hvagent.api.auth import check_routes, require, undeclared_routes
 from hvagent.config import AgentConfig
 from hvagent.errors import InvalidRequest, NotFound
 from hvagent.services import files

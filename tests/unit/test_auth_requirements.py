@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 
-from hvagent.access.auth import Privilege, Security, permitted, require
-from hvagent.access.policy import HostPolicy, Principal
+from hvagent.access.policy import HostPolicy
+from hvagent.access.principal import Principal
+from hvagent.access.privileges import Privilege
+from hvagent.access.security import Security
+from hvagent.api.auth import permitted, require
 from hvagent.store import Store
 
 # A stored object -> the VM it concerns (what a job's target is to /jobs/{job_id}).

@@ -1,5 +1,5 @@
-"""Authentication and authorization of every API request, and how routes declare what
-they need.
+"""The HTTP side of access control: who sends a request, what each route needs, and the
+401/403 answers. The decisions themselves are hvagent.access's.
 
 Every route declares the one privilege it needs, on an ACL path, with
 `Depends(require(Privilege.X, "/vms/{name}"))`; `route_privileges(app)` lists them and
@@ -11,132 +11,55 @@ suffices (Proxmox's `['or', ...]` checks). Routes that return lists filter them 
 
 One request: `SecurityMiddleware` finds the principal (a bearer token, else a uid-0 peer on
 the unix socket is `root`) and answers 401 when there is none; the route's `Requirement`
-checks the principal's roles on the ACL path (hvagent.access.policy) and answers 403; the
-middleware then writes the audit entry of every mutating request and every denial, once.
+checks the principal's roles on the ACL path (hvagent.access.security) and answers 403;
+the middleware then writes the audit entry of every mutating request and every denial,
+once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from hvagent.access.audit import AuditLog
-from hvagent.access.policy import (
-    ROOT,
-    AccessControl,
-    Admission,
-    HostPolicy,
-    PolicyDenied,
-    Principal,
-    Usage,
-    current_principal,
-    vm_of,
-)
-from hvagent.access.tokens import Tokens, TokenStatus
-from hvagent.spec import VMSpec
-from hvagent.store import Store
+from hvagent.access.policy import PolicyDenied
+from hvagent.access.principal import ROOT, Principal, current_principal
+from hvagent.access.privileges import Privilege
+from hvagent.access.security import Security
+from hvagent.api.errors import MUTATING, PROBLEM, problem
+from hvagent.api.routes import routes
 
 log = logging.getLogger(__name__)
 
-MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Routes anyone may read: the API description and the CA certificate clients pin.
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
                           "/ca.pem"})
-PROBLEM = "application/problem+json"
 
 
-class Privilege(StrEnum):
-    VM_ALLOCATE = "VM.Allocate"
-    VM_CONFIG_CPU = "VM.Config.CPU"
-    VM_CONFIG_MEMORY = "VM.Config.Memory"
-    VM_CONFIG_DISK = "VM.Config.Disk"
-    VM_CONFIG_NETWORK = "VM.Config.Network"
-    VM_CONFIG_OPTIONS = "VM.Config.Options"
-    VM_POWERMGMT = "VM.PowerMgmt"
-    VM_CONSOLE = "VM.Console"
-    VM_SNAPSHOT = "VM.Snapshot"
-    VM_SNAPSHOT_ROLLBACK = "VM.Snapshot.Rollback"
-    VM_AUDIT = "VM.Audit"
-    DISK_READ = "Disk.Read"
-    DISK_WRITE = "Disk.Write"
-    NETWORK_ALLOCATE = "Network.Allocate"
-    SYS_AUDIT = "Sys.Audit"
-    SYS_MODIFY = "Sys.Modify"
-    PERMISSIONS_MODIFY = "Permissions.Modify"
-
-
-class Security:
-    """The running agent's access control: tokens, ACLs, VM owners, audit log."""
-
-    def __init__(self, store: Store, policy: HostPolicy, enforce: bool = True) -> None:
-        self.store = store
-        self.policy = policy
-        self.tokens = Tokens(store)
-        self.audit = AuditLog(store)
-        # enforce=False exists for bench/auth.py only (the same app without the checks).
-        self.enforce = enforce
-
-    def admission(self) -> Admission:
-        """The host-policy hook the VM service calls on create and resource changes."""
-        return Admission(self.policy, self.access, usage=self.usage,
-                         record_owner=self.tokens.set_owner, owner=self.tokens.owner)
-
-    def access(self) -> AccessControl:
-        # Stored grants are read on every decision: `hvagent token create --role` on the
-        # host takes effect at once.
-        return AccessControl(self.policy, self.tokens.grants())
-
-    def authenticate(self, scope: MutableMapping[str, Any]) -> tuple[Principal | None, str,
-                                                                       str]:
-        """(principal, why-not, who-to-blame-in-the-audit-log)."""
-        if not self.enforce:
-            return Principal(ROOT), "", ROOT
-        header = None
-        for k, v in scope.get("headers", ()):
-            if k == b"authorization":
-                header = v.decode("latin-1")
-                break
-        if header is not None:
-            scheme, _, cred = header.strip().partition(" ")
-            if scheme.lower() != "bearer" or not cred.strip():
-                return None, "malformed Authorization header (expected: Bearer TOKEN)", "-"
-            info = self.tokens.lookup(cred.strip())
-            if info is None:
-                return None, "invalid token", "-"
-            status = info.status()
-            if status is not TokenStatus.VALID:
-                return None, f"token {info.id} is {status}", info.principal
-            return Principal(info.principal, info.id), "", info.principal
-        uid = (scope.get("state") or {}).get("peer_uid")
-        if uid == 0:
-            return Principal(ROOT), "", ROOT
-        who = f"uid:{uid}" if uid is not None else "-"
-        return None, "authentication required (Authorization: Bearer TOKEN)", who
-
-    def allowed(self, principal: Principal, privilege: str, path: str) -> bool:
-        if principal.is_root:
-            return True
-        vm = vm_of(path)
-        owner = self.tokens.owner(vm) if vm is not None else None
-        return self.access().allowed(principal, privilege, path, owner)
-
-    def usage(self, principal: str | None, exclude: str) -> Usage:
-        """vCPUs and memory (ceilings) of the host's VMs, or of those `principal` owns,
-        leaving out the VM `exclude` (the one being created or changed)."""
-        vcpus = mem = count = 0
-        for row in self.store.list_vms(owned_by=principal):
-            if row.name == exclude:
-                continue
-            spec = VMSpec.model_validate_json(row.spec)
-            vcpus += max(spec.vcpus, spec.max_vcpus or 0)
-            mem += max(spec.memory_mib, spec.max_memory_mib or 0)
-            count += 1
-        return Usage(vcpus, mem, count)
+def authenticate(security: Security, scope: MutableMapping[str, Any]) -> tuple[
+        Principal | None, str, str]:
+    """(principal, why-not, who-to-blame-in-the-audit-log) of a request: its bearer
+    token, else a uid-0 peer on the unix socket is root."""
+    if not security.enforce:
+        return Principal(ROOT), "", ROOT
+    header = None
+    for k, v in scope.get("headers", ()):
+        if k == b"authorization":
+            header = v.decode("latin-1")
+            break
+    if header is not None:
+        scheme, _, cred = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not cred.strip():
+            return None, "malformed Authorization header (expected: Bearer TOKEN)", "-"
+        return security.token_principal(cred.strip())
+    uid = (scope.get("state") or {}).get("peer_uid")
+    if uid == 0:
+        return Principal(ROOT), "", ROOT
+    who = f"uid:{uid}" if uid is not None else "-"
+    return None, "authentication required (Authorization: Bearer TOKEN)", who
 
 
 # route declarations
@@ -215,36 +138,32 @@ def permitted(request: Request, privilege: Privilege, path: str) -> bool:
     """Whether the request's principal holds `privilege` on `path`: for routes that
     return only the items of a list the principal may see."""
     security: Security | None = getattr(request.app.state, "security", None)
-    if security is None or not security.enforce:
-        return security is not None
-    principal: Principal | None = getattr(request.state, "principal", None)
-    return principal is not None and security.allowed(principal, privilege, path)
+    if security is None:
+        return False
+    return security.permitted(getattr(request.state, "principal", None), privilege, path)
 
 
-def _routes(app: Any) -> Iterator[tuple[str, Any, Requirement | None]]:
+def requirement_of(route: Any) -> Requirement | None:
+    """The Requirement a route declares (its last one), None when it declares none."""
+    req = None
+    dependant = getattr(route, "dependant", None)
+    if dependant is not None:
+        for dep in dependant.dependencies:
+            if isinstance(dep.call, Requirement):
+                req = dep.call
+    return req
+
+
+def declared_routes(app: Any) -> Iterator[tuple[str, Any, Requirement | None]]:
     """(full path, route, its Requirement or None) for every route of `app`."""
-
-    def walk(routes: Any, prefix: str) -> Iterator[tuple[str, Any, Requirement | None]]:
-        for route in routes:
-            original = getattr(route, "original_router", None)
-            if original is not None:  # FastAPI >= 0.13x includes routers lazily
-                yield from walk(original.routes, prefix + route.include_context.prefix)
-                continue
-            dependant = getattr(route, "dependant", None)
-            req = None
-            if dependant is not None:
-                for dep in dependant.dependencies:
-                    if isinstance(dep.call, Requirement):
-                        req = dep.call
-            yield prefix + getattr(route, "path", ""), route, req
-
-    yield from walk(app.routes, "")
+    for path, route in routes(app):
+        yield path, route, requirement_of(route)
 
 
 def route_privileges(app: Any) -> dict[tuple[str, str], Requirement]:
     """(method, path) -> Requirement for every route of `app` that declares one."""
     out: dict[tuple[str, str], Requirement] = {}
-    for path, route, req in _routes(app):
+    for path, route, req in declared_routes(app):
         if req is not None:
             for method in route.methods:
                 out[(method, path)] = req
@@ -254,7 +173,7 @@ def route_privileges(app: Any) -> dict[tuple[str, str], Requirement]:
 def undeclared_routes(app: Any) -> list[str]:
     """Routes that are neither public nor declare a privilege."""
     return sorted(f"{','.join(sorted(getattr(route, 'methods', None) or ['*']))} {path}"
-                  for path, route, req in _routes(app)
+                  for path, route, req in declared_routes(app)
                   if req is None and path not in PUBLIC_PATHS)
 
 
@@ -287,11 +206,11 @@ class SecurityMiddleware:
         method, path = scope["method"], scope["path"]
         action = f"{method} {path}"
         if security is None:
-            await _problem(send, 503, "the agent is starting")
+            await _send(send, problem(503, "unavailable", "the agent is starting"))
             return
-        principal, why, who = security.authenticate(scope)
+        principal, why, who = authenticate(security, scope)
         if principal is None and path not in PUBLIC_PATHS:
-            await _problem(send, 401, why, {"www-authenticate": "Bearer"})
+            await _send(send, problem(401, "unauthorized", why, {"www-authenticate": "Bearer"}))
             security.audit.record(principal=who, action=action, privilege=None,
                                   target=path, result="denied", status=401, detail=why)
             return
@@ -317,12 +236,8 @@ class SecurityMiddleware:
                     result=result, status=code, detail=state.get("denial", ""))
 
 
-async def _problem(send: Send, status: int, detail: str,
-                   headers: dict[str, str] | None = None) -> None:
-    resp = JSONResponse({"type": "about:blank", "title": "unauthorized" if status == 401
-                         else "unavailable", "status": status, "detail": detail},
-                        status_code=status, media_type=PROBLEM, headers=headers)
-    await resp({"type": "http"}, _no_receive, send)
+async def _send(send: Send, response: JSONResponse) -> None:
+    await response({"type": "http"}, _no_receive, send)
 
 
 async def _no_receive() -> MutableMapping[str, Any]:
@@ -341,9 +256,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PolicyDenied)
     async def _denied(request: Request, exc: PolicyDenied) -> JSONResponse:
         request.state.denial = exc.message
-        return JSONResponse({"type": "about:blank", "title": "forbidden", "status": 403,
-                             "detail": exc.message, "kind": "policy"},
-                            status_code=403, media_type=PROBLEM)
+        return problem(403, "forbidden", exc.message, kind="policy")
 
     _document(app)
 
@@ -365,7 +278,7 @@ def _document(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = build()
-        problem = {"$ref": "#/components/schemas/Problem"}
+        problem_ref = {"$ref": "#/components/schemas/Problem"}
         comps = schema.setdefault("components", {})
         comps.setdefault("schemas", {})["Problem"] = _PROBLEM_SCHEMA
         comps.setdefault("securitySchemes", {})["bearer"] = {
@@ -388,7 +301,7 @@ def _document(app: FastAPI) -> None:
                 if code == "422" and code not in responses:
                     continue
                 responses[code] = {"description": text,
-                                   "content": {PROBLEM: {"schema": problem}}}
+                                   "content": {PROBLEM: {"schema": problem_ref}}}
         app.openapi_schema = schema
         return schema
 

@@ -7,7 +7,8 @@ its stderr, so callers never format subprocess errors themselves.
 - ``run``      a short command, waited for (bytes out, bytes err, status).
 - ``arun``     the same from asyncio code, without blocking the loop.
 - ``spawn``    a long-lived process (a QEMU, a FUSE export, disk-image-create) whose
-               lifetime the caller owns; ``stop`` ends one, bounded.
+               lifetime the caller owns; ``stop`` ends one, bounded; ``stop_group``
+               ends one started in its own session with all its children.
 - ``aspawn``   ``spawn`` for asyncio code.
 
 asyncio is imported by the two functions that use it: hvdisk imports this module on
@@ -202,6 +203,21 @@ def stop(proc: subprocess.Popen[Any], *, grace: float = 10.0,
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         return proc.wait(timeout=grace)
+
+
+def stop_group(proc: subprocess.Popen[Any], *, grace: float = 10.0,
+               sig: int = signal.SIGTERM) -> int:
+    """End a process spawned with ``start_new_session=True`` and everything in its process
+    group: ``sig`` to the group (SIGINT is Ctrl-C's), ``grace`` seconds for it to finish,
+    then SIGKILL to whatever of the group is left (a leader that exited may leave
+    children behind)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
 
 
 def failure(proc_argv: Sequence[str], returncode: int | None, stderr: bytes | str,

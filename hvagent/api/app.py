@@ -33,6 +33,7 @@ def create_app(config: AgentConfig) -> FastAPI:
         # Before startup: they listen to QMP events and recover interrupted work.
         app.state.devices = DeviceService(vms)
         app.state.checkpoints = CheckpointService(vms)
+        app.state.disks = vms.disks
         # Probe the accelerator once before serving (cached per host boot).
         await asyncio.to_thread(lambda: vms.accel)
         await vms.startup()

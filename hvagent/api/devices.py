@@ -13,7 +13,16 @@ from hvagent.access.privileges import Privilege as P
 from hvagent.api.auth import require
 from hvagent.api.schemas import HostPathQuery, Mac, VMName
 from hvagent.services.devices import DEFAULT_UNPLUG_TIMEOUT, Change, DeviceService
-from hvagent.spec import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, DiskSpec, NicSpec
+from hvagent.spec import (
+    MAX_MEMORY_MIB,
+    MAX_VCPUS,
+    MIN_MEMORY_MIB,
+    VLAN_MAX,
+    VLAN_MIN,
+    VLAN_RULE,
+    DiskSpec,
+    NicSpec,
+)
 
 router = APIRouter(prefix="/vms", tags=["devices"])
 
@@ -88,7 +97,7 @@ async def add_nic(name: VMName, nic: NicSpec, svc: Devices) -> Change:
 
 class NicVlanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    vlan: int = Field(ge=1, le=4094)
+    vlan: int = Field(ge=VLAN_MIN, le=VLAN_MAX, description=f"VLAN id ({VLAN_RULE})")
 
 
 @router.put("/{name}/nics/{mac}",

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 from hvagent.disk import image
 from hvagent.disk.errors import DiskError
-from hvagent.disk.image import ImageFormat
 from hvagent.disk.progress import progress_display
+from hvagent.errors import HVError
+from hvagent.host.formats import DISK_FORMAT_LABELS, DiskFormat
 
 if TYPE_CHECKING:
     from hvagent.disk import fs
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 # The guest file system and P2V modules are imported by the commands that use them:
 # image commands (convert above all) should cost no more than qemu-img itself.
 
-FORMATS = [f.value for f in ImageFormat]
+FORMATS = list(DISK_FORMAT_LABELS)
 
 
 def _emit(args: argparse.Namespace, data: object, text: Callable[[], str]) -> None:
@@ -93,7 +94,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     info = image.image_info(Path(a.image), force_share=a.force_share)
     _emit(a, info.to_dict(), lambda: "\n".join([
         f"image: {info.path}",
-        f"format: {info.format.value}" + (f" ({info.subformat})" if info.subformat else ""),
+        f"format: {info.format.label}" + (f" ({info.subformat})" if info.subformat else ""),
         f"virtual size: {_size_text(info.virtual_size)} ({info.virtual_size} bytes)",
         f"disk size: {_size_text(info.actual_size)}",
         *( [f"backing file: {info.backing_file}"] if info.backing_file else []),
@@ -103,18 +104,18 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_create(a: argparse.Namespace) -> int:
-    info = image.create(Path(a.image), ImageFormat(a.format), image.parse_size(a.size),
+    info = image.create(Path(a.image), DiskFormat(a.format), image.parse_size(a.size),
                         fixed=a.fixed, overwrite=a.force)
-    _emit(a, info.to_dict(), lambda: f"created {info.path}: {info.format.value}, "
+    _emit(a, info.to_dict(), lambda: f"created {info.path}: {info.format.label}, "
                                      f"{info.virtual_size} bytes")
     return 0
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
     with progress_display(f"convert {Path(a.src).name}", enabled=not a.quiet) as prog:
-        info = image.convert(Path(a.src), Path(a.dst), ImageFormat(a.to), fixed=a.fixed,
+        info = image.convert(Path(a.src), Path(a.dst), DiskFormat(a.to), fixed=a.fixed,
                              overwrite=a.force, progress=prog, compress=a.compress)
-    _emit(a, info.to_dict(), lambda: f"wrote {info.path}: {info.format.value}, "
+    _emit(a, info.to_dict(), lambda: f"wrote {info.path}: {info.format.label}, "
                                      f"{info.virtual_size} bytes")
     return 0
 
@@ -135,7 +136,7 @@ def cmd_resize(a: argparse.Namespace) -> int:
 def cmd_check(a: argparse.Namespace) -> int:
     res = image.check(Path(a.image))
     _emit(a, res.to_dict(), lambda: "\n".join(
-        [f"{res.path}: {'ok' if res.ok else 'ERRORS'} ({res.format.value})"
+        [f"{res.path}: {'ok' if res.ok else 'ERRORS'} ({res.format.label})"
          + (f"; {res.note}" if res.note else ""), *(f"  {e}" for e in res.errors)]))
     return 0 if res.ok else 1
 
@@ -287,7 +288,7 @@ def cmd_p2v(a: argparse.Namespace) -> int:
     from hvagent.disk import p2v
 
     with progress_display(f"p2v {Path(a.source).name}", enabled=not a.quiet) as prog:
-        res = p2v.p2v(Path(a.source), Path(a.out), ImageFormat(a.to), progress=prog,
+        res = p2v.p2v(Path(a.source), Path(a.out), DiskFormat(a.to), progress=prog,
                       overwrite=a.force)
     _emit(a, res.to_dict(), lambda: "\n".join([
         f"read {res.bytes_read} bytes from {res.source}", f"sha256: {res.sha256}",
@@ -308,12 +309,26 @@ def cmd_detect(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unused:
+    """Stands for the parser of a command this run does not use (see build_parser)."""
+
+    def add_argument(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line. With `only` (a command name), just that command is built:
+    argparse spends ~1 ms per subcommand, which `hvdisk convert` pays on every run. An
+    `only` that names no command gets the whole parser (its list of commands, its error)."""
+    built: list[str] = []
     p = argparse.ArgumentParser(prog="hvdisk", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help: str,
             json_out: bool = True) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return _Unused()  # type: ignore[return-value]
+        built.append(name)
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
         if json_out:
@@ -406,20 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("p2v", cmd_p2v, "copy a physical disk (block device or raw dump) into an image")
     sp.add_argument("source")
     sp.add_argument("out")
-    sp.add_argument("-t", "--to", choices=["vhdx", "qcow2", "vhd", "raw"], required=True)
+    sp.add_argument("-t", "--to", choices=FORMATS, required=True)
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     sp = add("detect", cmd_detect, "firmware and disk bus a VM needs to boot this disk")
     sp.add_argument("image")
+    if only is not None and not built:
+        return build_parser()
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else None)
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))
-    except DiskError as exc:
+    except HVError as exc:  # DiskError, and a tool that hung (hvagent.host.run)
         print(f"hvdisk: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import stat as st
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from hvagent.disk.errors import DiskError
 from hvagent.disk.guestpath import Entry, Resolved, join, resolve, split_user_path
 from hvagent.disk.volume import Plan, Volume
+from hvagent.drivers import storage
 
 DEBUGFS = "debugfs"
 _BANNER = re.compile(r"^debugfs \d")
@@ -52,8 +52,8 @@ class ExtFS:
 
     # -- reading ---------------------------------------------------------------------
     def _run(self, request: str) -> bytes:
-        proc = subprocess.run([DEBUGFS, "-R", request, self.vol.e2spec()],
-                              capture_output=True, check=False)
+        proc = storage.tool([DEBUGFS, "-R", request, self.vol.e2spec()],
+                            "read an ext file system")
         errs = [ln for ln in proc.stderr.decode(errors="replace").splitlines()
                 if ln.strip() and not _BANNER.match(ln)]
         if errs or proc.returncode:
@@ -352,8 +352,8 @@ class ExtFS:
         with tempfile.NamedTemporaryFile("w", prefix="hvdisk-", suffix=".debugfs") as script:
             script.write("\n".join(plan.steps) + "\n")
             script.flush()
-            proc = subprocess.run([DEBUGFS, "-w", "-f", script.name, self.vol.e2spec()],
-                                  capture_output=True, check=False)
+            proc = storage.tool([DEBUGFS, "-w", "-f", script.name, self.vol.e2spec()],
+                                "write an ext file system", timeout=storage.WHOLE_DISK)
         errs = [ln for ln in proc.stderr.decode(errors="replace").splitlines()
                 if ln.strip() and not _BANNER.match(ln)]
         if errs or proc.returncode:
@@ -361,8 +361,8 @@ class ExtFS:
 
     def problems(self) -> str | None:
         """None when `e2fsck -fn` finds the file system clean, else what it said."""
-        proc = subprocess.run(["e2fsck", "-fn", self.vol.e2spec()], capture_output=True,
-                              check=False)
+        proc = storage.tool(["e2fsck", "-fn", self.vol.e2spec()], "check an ext file system",
+                            timeout=storage.WHOLE_DISK)
         if proc.returncode == 0:
             return None
         lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines()
@@ -381,8 +381,8 @@ class ExtFS:
             raise DiskError(f"e2fsck -n reports errors after the write: {problem}")
 
     def repair(self) -> str:
-        proc = subprocess.run(["e2fsck", "-fy", self.vol.e2spec()], capture_output=True,
-                              check=False)
+        proc = storage.tool(["e2fsck", "-fy", self.vol.e2spec()], "repair an ext file system",
+                            timeout=storage.WHOLE_DISK)
         if proc.returncode & ~3:  # 1 and 2: errors corrected
             raise DiskError(f"e2fsck -fy could not repair the file system (exit "
                             f"{proc.returncode})")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from hvagent.disk.errors import DiskError
 from hvagent.disk.guestpath import Entry, Resolved, join, resolve, split_user_path
 from hvagent.disk.volume import Plan, Volume
+from hvagent.drivers import storage
 
 IMG = "{IMG}"  # stands for the volume in planned commands
 _ENV = {**os.environ, "MTOOLSRC": "/dev/null", "MTOOLS_SKIP_CHECK": "1"}
@@ -27,7 +27,7 @@ class FatFS:
 
     def _run(self, argv: list[str], what: str) -> bytes:
         argv = [self.vol.mspec() if a == IMG else a for a in argv]
-        proc = subprocess.run(argv, capture_output=True, env=_ENV, check=False)
+        proc = storage.tool(argv, what, env=_ENV, timeout=storage.WHOLE_DISK)
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip().splitlines()
             raise DiskError(f"FAT file system on partition {self.vol.part.number}: {what}: "
@@ -229,8 +229,8 @@ class FatFS:
         if self.vol.offset:
             raise DiskError("repairing FAT needs the FUSE export (no --no-fuse)")
         fsck = shutil.which("fsck.fat") or "/usr/sbin/fsck.fat"
-        proc = subprocess.run([fsck, "-a", str(self.vol.path)], capture_output=True,
-                              check=False)
+        proc = storage.tool([fsck, "-a", str(self.vol.path)], "repair a FAT file system",
+                            timeout=storage.WHOLE_DISK)
         if proc.returncode not in (0, 1):
             raise DiskError(f"fsck.fat -a could not repair the file system "
                             f"(exit {proc.returncode})")
@@ -239,7 +239,8 @@ class FatFS:
     @staticmethod
     def _fsck(path: Path) -> None:
         fsck = shutil.which("fsck.fat") or "/usr/sbin/fsck.fat"
-        proc = subprocess.run([fsck, "-n", str(path)], capture_output=True, check=False)
+        proc = storage.tool([fsck, "-n", str(path)], "check a FAT file system",
+                            timeout=storage.WHOLE_DISK)
         if proc.returncode != 0:
             out = proc.stdout.decode(errors="replace").strip().splitlines()
             raise DiskError("fsck.fat -n reports errors after the write: "

@@ -30,12 +30,13 @@ from typing import TypeVar
 from hvagent.disk import image as img
 from hvagent.disk import vhd
 from hvagent.disk.errors import DiskError, ImageInUse
-from hvagent.disk.export import fuse_available, fuse_export
 from hvagent.disk.extfs import ExtFS
 from hvagent.disk.fatfs import FatFS
-from hvagent.disk.image import ImageFormat
 from hvagent.disk.parttable import Partition, pick_partition, read_partitions
 from hvagent.disk.volume import Plan, Volume
+from hvagent.drivers import storage
+from hvagent.drivers.storage import fuse_available, fuse_export
+from hvagent.host.formats import DiskFormat
 
 T = TypeVar("T")
 GuestFS = ExtFS | FatFS
@@ -127,15 +128,15 @@ class GuestImage:
     def _precheck(self, *, write: bool) -> None:
         if write and not os.access(self.image, os.W_OK):
             raise DiskError(f"{self.image}: not writable")
-        if self.fmt is ImageFormat.VHD:
+        if self.fmt is DiskFormat.VHD:
             # qemu's VHD driver is lenient; do not edit a VHD whose metadata is broken.
             rep = vhd.check(self.image)
             if not rep.ok:
                 raise DiskError(f"{self.image}: corrupt VHD: {rep.errors[0]}")
-        elif write and self.fmt in (ImageFormat.QCOW2, ImageFormat.VHDX):
+        elif write and self.fmt in (DiskFormat.QCOW2, DiskFormat.VHDX):
             res = img.check(self.image)
             if not res.ok:
-                raise DiskError(f"{self.image}: corrupt {self.fmt.value}: {res.errors[0]}")
+                raise DiskError(f"{self.image}: corrupt {self.fmt.label}: {res.errors[0]}")
 
     @contextmanager
     def _session(self, *, write: bool) -> Iterator[None]:
@@ -177,7 +178,7 @@ class GuestImage:
             self.via = "fuse"
             with fuse_export(self.image, self.fmt, writable=False) as raw:
                 yield raw
-        elif self.fmt is ImageFormat.RAW:
+        elif self.fmt is DiskFormat.RAW:
             self.via = "direct"
             img.image_info(self.image, self.fmt)  # takes QEMU's lock: refuses a busy image
             yield self.image
@@ -186,7 +187,7 @@ class GuestImage:
             img.image_info(self.image, self.fmt)  # takes QEMU's lock: refuses a busy image
             with tempfile.TemporaryDirectory(prefix="hvdisk-") as work:
                 raw = Path(work) / "disk.raw"
-                img.convert(self.image, raw, ImageFormat.RAW, src_format=self.fmt,
+                img.convert(self.image, raw, DiskFormat.RAW, src_format=self.fmt,
                             check_holders=False)
                 yield raw
 
@@ -201,7 +202,7 @@ class GuestImage:
             self.via = "fuse"
             overlay = self.work / "edit.qcow2"
             img.create_overlay(self.image, self.fmt, overlay)
-            with fuse_export(overlay, ImageFormat.QCOW2, writable=True,
+            with fuse_export(overlay, DiskFormat.QCOW2, writable=True,
                              window=(part.start, part.size)) as view:
                 yield Volume(view, 0, part)
             self._commit(overlay)
@@ -213,13 +214,12 @@ class GuestImage:
         if raw_copy is None:
             raw_copy = self.work / "edit.raw"
             # (a reflink where the host file system has them, else a sparse copy)
-            img.run_tool(["cp", "--reflink=auto", "--sparse=always", str(self.image),
-                          str(raw_copy)], f"copy {self.image}")
+            storage.copy_sparse(self.image, raw_copy)
         yield Volume(raw_copy, part.start, part)
         new = raw_copy
-        if self.fmt is not ImageFormat.RAW:
-            new = self.work / f"new.{self.fmt.value}"
-            img.convert(raw_copy, new, self.fmt, src_format=ImageFormat.RAW,
+        if self.fmt is not DiskFormat.RAW:
+            new = self.work / f"new.{self.fmt.label}"
+            img.convert(raw_copy, new, self.fmt, src_format=DiskFormat.RAW,
                         fixed=self._fixed, check_holders=False)
         self._replace(new)
 
@@ -293,7 +293,7 @@ class GuestImage:
             with fuse_export(self.image, self.fmt, writable=False) as raw:
                 part = self._plan(raw, plan_fn, plan)
             raw_copy = None
-        elif self.fmt is ImageFormat.RAW:
+        elif self.fmt is DiskFormat.RAW:
             self.via = "copy"
             img.image_info(self.image, self.fmt)  # QEMU's lock
             part = self._plan(self.image, plan_fn, plan)
@@ -319,7 +319,7 @@ class GuestImage:
             if self.use_fuse:
                 with fuse_export(self.image, self.fmt, writable=False) as raw:
                     part = self._volume(raw).part
-            elif self.fmt is ImageFormat.RAW:
+            elif self.fmt is DiskFormat.RAW:
                 img.image_info(self.image, self.fmt)  # QEMU's lock
                 part = self._volume(self.image).part
             else:
@@ -345,7 +345,7 @@ class GuestImage:
         self._fixed = info.subformat == "fixed"
         self._make_work()
         raw = self.work / "disk.raw"
-        img.convert(self.image, raw, ImageFormat.RAW, src_format=self.fmt, check_holders=False)
+        img.convert(self.image, raw, DiskFormat.RAW, src_format=self.fmt, check_holders=False)
         return raw
 
 

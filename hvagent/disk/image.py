@@ -1,57 +1,38 @@
 """Disk image files: format detection, info, create, convert, resize, check, compare.
 
-Built on qemu-img, plus what it lacks: a fixed VHD is recognised by its footer (qemu-img
-probes it as raw, which would read the footer as disk data), VHD sizes are exact
-(`force_size`), VHD and VHDX resize through a conversion round-trip, and VHD has a
-`check` (hvagent.disk.vhd). Every output is written to a temporary file beside the
-target and renamed into place, so a failed or interrupted operation leaves no
-half-written image. It also owns "is this image in use" (QEMU's image locks, open
-file descriptors of other processes, and hvdisk's own session lock) and the overlay
-commit that makes an offline edit all or nothing.
+Built on qemu-img (run by hvagent.drivers.storage), plus what it lacks: a fixed VHD is
+recognised by its footer (qemu-img probes it as raw, which would read the footer as disk
+data), VHD sizes are exact (`force_size`), VHD and VHDX resize through a conversion
+round-trip, and VHD has a `check` (hvagent.disk.vhd). Every output is written to a
+temporary file beside the target and renamed into place, so a failed or interrupted
+operation leaves no half-written image. It also owns "is this image in use" (QEMU's
+image locks, open file descriptors of other processes, and hvdisk's own session lock)
+and the overlay commit that makes an offline edit all or nothing.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
 from hvagent.disk.errors import DiskError, ImageInUse
 from hvagent.disk.progress import Progress, no_progress
+from hvagent.drivers import storage
+from hvagent.host import formats
+from hvagent.host.formats import DiskFormat
 
 # Imports are kept to what `hvdisk convert` needs: its cost is paid on every run, next
 # to qemu-img's own (tempfile, dataclasses and the VHD/VHDX parsers load on use).
 
-QEMU_IMG = "qemu-img"
 VHD_COOKIE = b"conectix"  # hvagent.disk.vhd.COOKIE, here so that probing skips that parser
-
-
-class ImageFormat(StrEnum):
-    QCOW2 = "qcow2"
-    RAW = "raw"
-    VHD = "vhd"
-    VHDX = "vhdx"
-
-    @property
-    def qemu(self) -> str:
-        """The driver name qemu uses for this format."""
-        return "vpc" if self is ImageFormat.VHD else self.value
-
-    @classmethod
-    def from_qemu(cls, driver: str) -> ImageFormat:
-        """The format of a qemu driver name ("vpc" is VHD)."""
-        return cls.VHD if driver == "vpc" else cls(driver)
 
 
 class ImageInfo(NamedTuple):
     path: str
-    format: ImageFormat
+    format: DiskFormat
     subformat: str | None  # "fixed"/"dynamic" for VHD and VHDX
     virtual_size: int
     actual_size: int
@@ -60,59 +41,28 @@ class ImageInfo(NamedTuple):
     dirty: bool = False
 
     def to_dict(self) -> dict[str, object]:
-        return self._asdict()
+        return {**self._asdict(), "format": self.format.label}
 
 
 class CheckResult(NamedTuple):
     path: str
-    format: ImageFormat
+    format: DiskFormat
     ok: bool
     errors: list[str]
     leaks: int = 0
     note: str = ""
 
     def to_dict(self) -> dict[str, object]:
-        return self._asdict()
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+        return {**self._asdict(), "format": self.format.label}
 
 
 def parse_size(text: str) -> int:
-    """'10G', '512M', '1048576' -> bytes (binary units); must be a multiple of 512."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise DiskError(f"size {text!r}: expected a number with an optional K/M/G/T suffix")
-    mult = 1024 ** ("KMGTP".index(m.group(2).upper()) + 1) if m.group(2) else 1
-    size = int(float(m.group(1)) * mult)
-    if size <= 0 or size % 512:
-        raise DiskError(f"size {text!r}: must be a positive multiple of 512 bytes")
-    return size
-
-
-def _lock_error(stderr: str) -> bool:
-    return "lock" in stderr and ("Failed to get" in stderr or "Is another process" in stderr)
-
-
-def run_tool(cmd: Sequence[str], what: str, *, path: Path | None = None,
-             input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run an external tool; a failure becomes a one-line DiskError naming `what`."""
+    """'10G', '1.5M', '1048576' -> bytes (hvagent.host.formats.parse_size: binary units,
+    a positive multiple of 512, as an image's size must be)."""
     try:
-        proc = subprocess.run(list(cmd), input=input, capture_output=True, check=False)
-    except FileNotFoundError as exc:
-        raise DiskError(f"{cmd[0]} is not installed (needed to {what})") from exc
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace")
-        if path is not None and _lock_error(err):
-            raise ImageInUse(f"{path}: in use by another process (it holds QEMU's image lock)")
-        raise DiskError(f"{what}: {last_line(err) or f'{cmd[0]} exited {proc.returncode}'}")
-    return proc
-
-
-def last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    msg = lines[-1] if lines else ""
-    return re.sub(r"^(qemu-img|qemu-storage-daemon): ", "", msg)
+        return formats.parse_size(text, sectors=True)
+    except ValueError as e:
+        raise DiskError(str(e)) from None
 
 
 def holders(path: Path) -> list[tuple[int, str]]:
@@ -155,7 +105,7 @@ def holders(path: Path) -> list[tuple[int, str]]:
 
 def ensure_not_in_use(path: Path) -> None:
     """Refuse an image another process has open. QEMU's own lock is checked by every
-    qemu-img / qemu-storage-daemon open as well (see run_tool)."""
+    qemu-img / qemu-storage-daemon open as well (hvagent.drivers.storage)."""
     procs = holders(path)
     if procs:
         who = ", ".join(f"{comm}[{pid}]" for pid, comm in procs[:3])
@@ -198,7 +148,7 @@ def upgrade_lock(fd: int, path: Path) -> None:
         raise ImageInUse(f"{path}: in use by another process ({EDIT_LOCK_NOTE})") from None
 
 
-def detect_format(path: Path) -> ImageFormat:
+def detect_format(path: Path) -> DiskFormat:
     """The format from the file's own magic (never from its name)."""
     if not path.exists():
         raise DiskError(f"{path}: no such file")
@@ -207,32 +157,29 @@ def detect_format(path: Path) -> ImageFormat:
     with path.open("rb") as fh:
         head = fh.read(8)
     if head[:4] == b"QFI\xfb":
-        return ImageFormat.QCOW2
+        return DiskFormat.QCOW2
     if head == b"vhdxfile":
-        return ImageFormat.VHDX
+        return DiskFormat.VHDX
     if head == VHD_COOKIE:
-        return ImageFormat.VHD
+        return DiskFormat.VHD
     if path.is_file():
         from hvagent.disk import vhd
 
         if vhd.is_vhd(path) == "fixed":
-            return ImageFormat.VHD
-    return ImageFormat.RAW
+            return DiskFormat.VHD
+    return DiskFormat.RAW
 
 
-def image_info(path: Path, fmt: ImageFormat | None = None, *, force_share: bool = False
+def image_info(path: Path, fmt: DiskFormat | None = None, *, force_share: bool = False
                ) -> ImageInfo:
     fmt = fmt or detect_format(path)
-    cmd = [QEMU_IMG, "info", "--output", "json", "-f", fmt.qemu, str(path)]
-    if force_share:
-        cmd.insert(2, "-U")
-    data = json.loads(run_tool(cmd, f"read {path}", path=path).stdout)
+    data = storage.info(path, fmt, force_share=force_share)
     sub = None
-    if fmt is ImageFormat.VHD:
+    if fmt is DiskFormat.VHD:
         from hvagent.disk import vhd
 
         sub = vhd.is_vhd(path)
-    elif fmt is ImageFormat.VHDX and path.is_file():
+    elif fmt is DiskFormat.VHDX and path.is_file():
         from hvagent.disk import vhdx
 
         sub = vhdx.subformat(path)
@@ -246,17 +193,6 @@ def image_info(path: Path, fmt: ImageFormat | None = None, *, force_share: bool 
         snapshots=tuple(s.get("name", "") for s in data.get("snapshots", [])),
         dirty=bool(data.get("dirty-flag", False)),
     )
-
-
-def _create_opts(fmt: ImageFormat, fixed: bool) -> list[str]:
-    if fmt is ImageFormat.VHD:
-        # force_size: keep the exact byte size instead of rounding to CHS geometry.
-        return ["-o", f"force_size=on,subformat={'fixed' if fixed else 'dynamic'}"]
-    if fmt is ImageFormat.VHDX:
-        return ["-o", f"subformat={'fixed' if fixed else 'dynamic'}"]
-    if fixed:
-        return ["-o", "preallocation=falloc" if fmt is ImageFormat.RAW else "preallocation=full"]
-    return []
 
 
 @contextmanager
@@ -282,42 +218,20 @@ def staged_output(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def create(path: Path, fmt: ImageFormat, size: int, *, fixed: bool = False,
+def create(path: Path, fmt: DiskFormat, size: int, *, fixed: bool = False,
            overwrite: bool = False) -> ImageInfo:
     if size % 512:
         raise DiskError(f"size {size}: must be a multiple of 512 bytes")
     with staged_output(path, overwrite=overwrite) as tmp:
-        run_tool([QEMU_IMG, "create", "-q", "-f", fmt.qemu, *_create_opts(fmt, fixed),
-                  str(tmp), str(size)], f"create {path}")
+        storage.create(tmp, fmt, size, fixed=fixed, what=f"create {path}")
     info = image_info(path, fmt)
     if info.virtual_size != size:
         raise DiskError(f"{path}: created with {info.virtual_size} bytes instead of {size}")
     return info
 
 
-def _run_with_progress(cmd: list[str], what: str, progress: Progress, path: Path) -> None:
-    """Run `qemu-img ... -p`, turning its "(12.34/100%)" updates into progress calls."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    buf = b""
-    # read1 (not read): return what is there, so progress shows as it comes.
-    while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]
-        buf += chunk
-        *parts, buf = re.split(rb"[\r\n]", buf)
-        for part in parts:
-            m = re.search(rb"\((\d+(?:\.\d+)?)/100%\)", part)
-            if m:
-                progress(float(m.group(1)) / 100.0)
-    err = proc.stderr.read().decode(errors="replace")
-    if proc.wait() != 0:
-        if _lock_error(err):
-            raise ImageInUse(f"{path}: in use by another process (it holds QEMU's image lock)")
-        raise DiskError(f"{what}: {last_line(err) or 'qemu-img failed'}")
-    progress(1.0)
-
-
-def convert(src: Path, dst: Path, to: ImageFormat, *, fixed: bool | None = None,
-            src_format: ImageFormat | None = None, overwrite: bool = False,
+def convert(src: Path, dst: Path, to: DiskFormat, *, fixed: bool | None = None,
+            src_format: DiskFormat | None = None, overwrite: bool = False,
             progress: Progress = no_progress, compress: bool = False,
             check_holders: bool = True) -> ImageInfo:
     """Convert `src` into a new image `dst`; zero areas stay unallocated (sparse).
@@ -326,33 +240,23 @@ def convert(src: Path, dst: Path, to: ImageFormat, *, fixed: bool | None = None,
     src_fmt = src_format or detect_format(src)
     if check_holders:
         ensure_not_in_use(src)
-    if fixed is None:
-        fixed = False
-    cmd = [QEMU_IMG, "convert", "-p", "-f", src_fmt.qemu, "-O", to.qemu,
-           *_create_opts(to, fixed)]
-    if compress:
-        if to is not ImageFormat.QCOW2:
-            raise DiskError("--compress: only qcow2 output can be compressed")
-        cmd.append("-c")
+    if compress and to is not DiskFormat.QCOW2:
+        raise DiskError("--compress: only qcow2 output can be compressed")
     with staged_output(dst, overwrite=overwrite) as tmp:
         # -n would keep mkstemp's empty file; qemu-img creates the file itself.
         tmp.unlink()
-        _run_with_progress([*cmd, str(src), str(tmp)], f"convert {src}", progress, src)
+        storage.convert(src, src_fmt, tmp, to, fixed=bool(fixed), compress=compress,
+                        progress=None if progress is no_progress else progress)
     return image_info(dst, to)
 
 
-def create_overlay(base: Path, fmt: ImageFormat, overlay: Path) -> None:
+def create_overlay(base: Path, fmt: DiskFormat, overlay: Path) -> None:
     """A new qcow2 file that records writes and reads everything else from `base`."""
-    run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", str(base.resolve()),
-              "-F", fmt.qemu, str(overlay)], f"create a copy-on-write overlay of {base}",
-             path=base)
+    storage.create_overlay(overlay, base.resolve(), fmt,
+                           what=f"create a copy-on-write overlay of {base}")
 
 
-def commit_overlay(overlay: Path, base: Path) -> None:
-    """Write the clusters `overlay` holds into its backing file `base`. -d keeps the
-    overlay intact, so a commit that was cut short can simply be run again."""
-    run_tool([QEMU_IMG, "commit", "-q", "-d", "-f", "qcow2", str(overlay)],
-             f"commit the edit into {base}", path=base)
+commit_overlay = storage.commit
 
 
 def resize(path: Path, size: int, *, shrink: bool = False,
@@ -370,24 +274,20 @@ def resize(path: Path, size: int, *, shrink: bool = False,
         )
     if size == info.virtual_size:
         return info
-    if info.format in (ImageFormat.QCOW2, ImageFormat.RAW):
+    if info.format in (DiskFormat.QCOW2, DiskFormat.RAW):
         if info.snapshots and size < info.virtual_size:
             raise DiskError(f"{path}: cannot shrink an image with internal snapshots")
-        cmd = [QEMU_IMG, "resize", "-q", "-f", info.format.qemu]
-        if shrink:
-            cmd.append("--shrink")
-        run_tool([*cmd, str(path), str(size)], f"resize {path}", path=path)
+        storage.resize(path, info.format, size, shrink=shrink)
         return image_info(path, info.format)
     import tempfile
 
     fixed = info.subformat == "fixed"
     with tempfile.TemporaryDirectory(prefix=".resize.", dir=path.parent) as work:
         mid = Path(work) / "mid.qcow2"
-        convert(path, mid, ImageFormat.QCOW2, src_format=info.format,
+        convert(path, mid, DiskFormat.QCOW2, src_format=info.format,
                 progress=lambda d: progress(d * 0.5))
-        cmd = [QEMU_IMG, "resize", "-q", "-f", "qcow2"] + (["--shrink"] if shrink else [])
-        run_tool([*cmd, str(mid), str(size)], f"resize {path}")
-        convert(mid, path, info.format, fixed=fixed, src_format=ImageFormat.QCOW2,
+        storage.resize(mid, DiskFormat.QCOW2, size, shrink=shrink, what=f"resize {path}")
+        convert(mid, path, info.format, fixed=fixed, src_format=DiskFormat.QCOW2,
                 overwrite=True, progress=lambda d: progress(0.5 + d * 0.5))
     return image_info(path, info.format)
 
@@ -395,29 +295,19 @@ def resize(path: Path, size: int, *, shrink: bool = False,
 def check(path: Path) -> CheckResult:
     """Consistency of the image's metadata (not of the file systems inside it)."""
     fmt = detect_format(path)
-    if fmt is ImageFormat.RAW:
+    if fmt is DiskFormat.RAW:
         return CheckResult(str(path), fmt, True, [], note="raw images carry no metadata")
-    if fmt is ImageFormat.VHD:
+    if fmt is DiskFormat.VHD:
         from hvagent.disk import vhd
 
         rep = vhd.check(path)
         return CheckResult(str(path), fmt, rep.ok, rep.errors,
                            note=f"{rep.disk_type}, {rep.allocated_blocks}/{rep.total_blocks} "
                                 "blocks allocated" if rep.disk_type != "fixed" else "fixed")
-    proc = subprocess.run(
-        [QEMU_IMG, "check", "--output", "json", "-f", fmt.qemu, str(path)],
-        capture_output=True, check=False,
-    )
-    err = proc.stderr.decode(errors="replace")
-    if _lock_error(err):
-        raise ImageInUse(f"{path}: in use by another process (it holds QEMU's image lock)")
-    try:
-        data = json.loads(proc.stdout or b"{}")
-    except ValueError:
-        data = {}
+    returncode, data, err = storage.check(path, fmt)
     errors: list[str] = []
-    if proc.returncode not in (0, 3) or not data:
-        errors.append(last_line(err) or f"qemu-img check exited {proc.returncode}")
+    if returncode not in (0, 3) or not data:
+        errors.append(storage.last_line(err) or f"qemu-img check exited {returncode}")
     if data.get("corruptions"):
         errors.append(f"{data['corruptions']} corruptions")
     if data.get("check-errors"):
@@ -436,13 +326,4 @@ def compare(a: Path, b: Path, *, strict: bool = False) -> tuple[bool, str]:
         sa, sb = image_info(a, fa).virtual_size, image_info(b, fb).virtual_size
         if sa != sb:
             return False, f"sizes differ: {sa} != {sb} bytes"
-    cmd = [QEMU_IMG, "compare", "-f", fa.qemu, "-F", fb.qemu]
-    proc = subprocess.run([*cmd, str(a), str(b)], capture_output=True, check=False)
-    out = (proc.stdout + proc.stderr).decode(errors="replace")
-    if proc.returncode == 0:
-        return True, "images are identical"
-    if proc.returncode == 1:
-        return False, last_line(out)
-    if _lock_error(out):
-        raise ImageInUse(f"{a} or {b}: in use by another process")
-    raise DiskError(f"compare {a} {b}: {last_line(out)}")
+    return storage.compare(a, fa, b, fb)

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import stat as st
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,10 +25,11 @@ from pathlib import Path
 from hvagent.disk import image as img
 from hvagent.disk.errors import DiskError
 from hvagent.disk.fs import GuestImage, disk_layout, make_fs
-from hvagent.disk.image import ImageFormat
 from hvagent.disk.parttable import Partition
 from hvagent.disk.progress import Progress, no_progress
 from hvagent.disk.volume import Volume
+from hvagent.drivers import storage
+from hvagent.host.formats import DiskFormat
 
 CHUNK = 4 << 20
 SPARSE_GRAIN = 64 << 10
@@ -72,15 +72,15 @@ def _mounted(source: Path) -> bool:
     return any(line.split()[2] in devs for line in mounts if len(line.split()) > 2)
 
 
-def p2v(source: Path, out: Path, to: ImageFormat, *, progress: Progress = no_progress,
+def p2v(source: Path, out: Path, to: DiskFormat, *, progress: Progress = no_progress,
         overwrite: bool = False) -> P2VResult:
     if not source.exists():
         raise DiskError(f"{source}: no such file or device")
     mode = source.stat().st_mode
     if not (st.S_ISBLK(mode) or st.S_ISREG(mode)):
         raise DiskError(f"{source}: not a block device or a raw disk dump")
-    if st.S_ISREG(mode) and img.detect_format(source) is not ImageFormat.RAW:
-        raise DiskError(f"{source}: is a {img.detect_format(source).value} image, not a raw "
+    if st.S_ISREG(mode) and img.detect_format(source) is not DiskFormat.RAW:
+        raise DiskError(f"{source}: is a {img.detect_format(source).label} image, not a raw "
                         "disk; use `hvdisk convert`")
     if _mounted(source):
         raise DiskError(f"{source}: is mounted on this host; unmount it first")
@@ -113,14 +113,14 @@ def p2v(source: Path, out: Path, to: ImageFormat, *, progress: Progress = no_pro
             dst.truncate(read)
         if read != size:
             raise DiskError(f"{source}: read {read} of {size} bytes")
-        if to is ImageFormat.RAW:
+        if to is DiskFormat.RAW:
             os.replace(raw, out)
         else:
-            img.convert(raw, out, to, src_format=ImageFormat.RAW, overwrite=overwrite,
+            img.convert(raw, out, to, src_format=DiskFormat.RAW, overwrite=overwrite,
                         progress=lambda d: progress(0.8 + 0.2 * d))
     info = img.image_info(out, to)
     progress(1.0)
-    return P2VResult(str(source), str(out), to.value, read, digest.hexdigest(),
+    return P2VResult(str(source), str(out), to.label, read, digest.hexdigest(),
                      info.virtual_size, info.actual_size)
 
 
@@ -136,9 +136,9 @@ def _decompress(data: bytes) -> bytes | None:
         if data.startswith(magic):
             if shutil.which(tool) is None:
                 raise DiskError(f"initramfs is {tool}-compressed and {tool} is not installed")
-            proc = subprocess.run([tool, "-dc"], input=data, capture_output=True, check=False)
+            done = storage.tool([tool, "-dc"], "read the initramfs", input=data)
             # zstd/lz4 complain about trailing padding after the frame; keep what decoded.
-            return proc.stdout or None
+            return done.stdout or None
     return None
 
 

@@ -1,5 +1,6 @@
 """The host files a request may name (disk images, kernel, initrd) and who may use which:
-the one check that create, attach-disk and import go through.
+the one check that create, attach-disk and import go through (the disks service,
+hvagent.services.disks, is its caller).
 
 A name is made absolute (a relative one is in the storage directory) with its symlinks
 resolved, and then must be, for the principal of the request:
@@ -21,12 +22,12 @@ or a write under a checkpoint's overlay, corrupt it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from hvagent.access.policy import PolicyDenied
 from hvagent.errors import Conflict
+from hvagent.spec import VMSpec
 
 if TYPE_CHECKING:
     from hvagent.services.vms import VMService
@@ -104,13 +105,14 @@ def _claims(vms: VMService, path: Path) -> dict[str, Literal["disk", "checkpoint
         if vm in names:
             out[vm] = "checkpoint"
     for r in rows:
-        if want in _disk_paths(r.spec):
+        if want in _disk_paths(VMSpec.model_validate_json(r.spec)):
             out[r.name] = "disk"
-    for c in vms.store.query("SELECT vm, spec FROM checkpoints"):
-        if c["vm"] not in out and want in _disk_paths(c["spec"]):
-            out[c["vm"]] = "checkpoint"
+    for r in rows:
+        if r.name not in out and any(want in _disk_paths(c.spec)
+                                     for c in vms.store.checkpoints.for_vm(r.name)):
+            out[r.name] = "checkpoint"
     return out
 
 
-def _disk_paths(spec_json: str) -> set[str]:
-    return {d["path"] for d in json.loads(spec_json).get("disks", []) if d.get("path")}
+def _disk_paths(spec: VMSpec) -> set[str]:
+    return {d.path for d in spec.disks if d.path}

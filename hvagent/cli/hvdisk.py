@@ -8,7 +8,6 @@ Exit status: 0 success; 1 `check` found problems or `compare` found a difference
 from __future__ import annotations
 
 import argparse
-import json
 import stat as st
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +31,8 @@ FORMATS = list(DISK_FORMAT_LABELS)
 
 def _emit(args: argparse.Namespace, data: object, text: Callable[[], str]) -> None:
     if getattr(args, "json", False):
+        import json
+
         print(json.dumps(data, indent=2, default=str))
     else:
         out = text()

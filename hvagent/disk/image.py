@@ -247,7 +247,42 @@ def convert(src: Path, dst: Path, to: DiskFormat, *, fixed: bool | None = None,
         tmp.unlink()
         storage.convert(src, src_fmt, tmp, to, fixed=bool(fixed), compress=compress,
                         progress=None if progress is no_progress else progress)
-    return image_info(dst, to)
+    return _converted(dst, to, bool(fixed))
+
+
+def _converted(path: Path, fmt: DiskFormat, fixed: bool) -> ImageInfo:
+    """What `convert` wrote, from the file's own header: a second qemu-img run (info)
+    would cost about as much as converting a small image. A new file has no backing
+    file, snapshot or dirty flag; qemu-img's actual size is the allocated blocks."""
+    size: int | None = None
+    try:
+        st = path.stat()
+        if fmt is DiskFormat.RAW:
+            size = st.st_size
+        elif fmt is DiskFormat.VHDX:
+            from hvagent.disk import vhdx
+
+            size = vhdx.virtual_size(path)
+        else:
+            import struct
+
+            with path.open("rb") as fh:
+                if fmt is DiskFormat.QCOW2:
+                    head = fh.read(32)
+                    if head[:4] == b"QFI\xfb":
+                        size = struct.unpack(">Q", head[24:32])[0]
+                else:  # VHD: the footer at the end, current size at byte 48
+                    fh.seek(-512, os.SEEK_END)
+                    foot = fh.read(512)
+                    if foot[:8] == VHD_COOKIE:
+                        size = struct.unpack(">Q", foot[48:56])[0]
+    except OSError:
+        size = None
+    if size is None:
+        return image_info(path, fmt)
+    sub = ("fixed" if fixed else "dynamic") if fmt in (DiskFormat.VPC, DiskFormat.VHDX) else None
+    return ImageInfo(path=str(path), format=fmt, subformat=sub, virtual_size=size,
+                     actual_size=st.st_blocks * 512)
 
 
 def create_overlay(base: Path, fmt: DiskFormat, overlay: Path) -> None:

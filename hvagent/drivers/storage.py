@@ -9,13 +9,12 @@ run, as typed functions over the one process runner (hvagent.host.run).
   disk) as a raw file at a temporary path, in place, with no kernel mount and no root;
   the daemon dies with us (PR_SET_PDEATHSIG).
 
-Imports are kept to what `hvdisk convert` needs: its cost is paid on every run, next to
-qemu-img's own.
+Imports are kept to what `hvdisk convert` needs (json, tempfile, ctypes load on use): its
+cost is paid on every run, next to qemu-img's own.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -113,6 +112,8 @@ def info(path: Path | str, fmt: DiskFormat | None = None, *, force_share: bool =
     if fmt is not None:
         args += ["-f", fmt.qemu]
     done = _qemu_img([*args, str(path)], what or f"read {path}", path=path)
+    import json
+
     data: dict[str, Any] = json.loads(done.stdout)
     return data
 
@@ -121,6 +122,8 @@ def backing_chain(path: Path | str) -> list[dict[str, Any]]:
     """`qemu-img info --backing-chain` (the image first), shared: a VM may run on it."""
     done = _qemu_img(["info", "-U", "--backing-chain", "--output", "json", str(path)],
                      f"read the backing chain of {path}", path=path)
+    import json
+
     chain: list[dict[str, Any]] = json.loads(done.stdout)
     return chain
 
@@ -220,6 +223,8 @@ def check(path: Path, fmt: DiskFormat) -> CheckOutput:
                    timeout=WHOLE_DISK, check=False)
     if lock_refused(done.err):
         raise in_use(path)
+    import json
+
     try:
         report = json.loads(done.stdout or b"{}")
     except ValueError:
@@ -315,6 +320,7 @@ def fuse_export(image: Path, fmt: DiskFormat, *, writable: bool,
     """A raw view of `image` (or of the byte range `window` = (offset, size) of its
     guest-visible disk) at a temporary path, for as long as the block runs. A failed
     final flush of a writable export is a DiskError once the block has succeeded."""
+    import json
     import shutil
     import tempfile
 

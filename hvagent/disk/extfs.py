@@ -348,7 +348,7 @@ class ExtFS:
                 "nothing written")
 
     # -- writing ------------------------------------------------------------------------
-    def execute(self, plan: Plan) -> None:
+    def apply(self, plan: Plan) -> None:
         with tempfile.NamedTemporaryFile("w", prefix="hvdisk-", suffix=".debugfs") as script:
             script.write("\n".join(plan.steps) + "\n")
             script.flush()

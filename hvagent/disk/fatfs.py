@@ -198,7 +198,7 @@ class FatFS:
         """Nothing to check ahead: mcopy refuses a file that does not fit before it
         writes, and the edit is rolled back as a whole anyway (hvagent.disk.fs)."""
 
-    def execute(self, plan: Plan) -> None:
+    def apply(self, plan: Plan) -> None:
         for argv in plan.commands:
             self._run(argv, "write")
 

@@ -306,7 +306,7 @@ class GuestImage:
             return plan
         with self._writable(part, raw_copy) as vol:
             fs = make_fs(vol)
-            fs.execute(plan)
+            fs.apply(plan)
             fs.verify()
         return plan
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -15,9 +16,11 @@ from typing import Any
 import pytest
 
 from hvagent.access.audit import AuditLog
-from hvagent.access.policy import load_policy
-from hvagent.access.privileges import Privilege
-from hvagent.access.tokens import MAX_TTL_DAYS, Tokens, parse_duration
+from hvagent.access.policy import HostPolicy, load_policy
+from hvagent.access.principal import Principal
+from hvagent.access.privileges import BUILTIN_ROLES, Privilege
+from hvagent.access.security import Security
+from hvagent.access.tokens import MAX_TTL_DAYS, Tokens, TokenStatus, parse_duration
 from hvagent.api.app import create_app
 from hvagent.api.auth import route_privileges
 from hvagent.cli import hvagent as hvagent_cli
@@ -172,7 +175,7 @@ def test_an_old_database_with_rows_migrates_losing_nothing(tmp_path: Path,
     vms = store.list_vms()
     assert {v.name for v in vms} == {r["name"] for r in before["vms"]}
     for v in vms:
-        VMSpec.model_validate_json(v.spec)
+        assert VMSpec.model_validate_json(v.spec).name == v.name
     tokens = Tokens(store)
     assert [t.id for t in tokens.list_tokens()] == [r["id"] for r in before["tokens"]]
     assert {str(t.status()) for t in tokens.list_tokens()} >= {"valid", "revoked"}
@@ -181,7 +184,38 @@ def test_an_old_database_with_rows_migrates_losing_nothing(tmp_path: Path,
         assert tokens.owner(str(r["name"])) == r["owner"]
     assert {j.id for j in Jobs(store).list()} == {r["id"] for r in before["jobs"]}
     assert len(AuditLog(store).list()) == len(before["audit"])
+    _tokens_and_grants_still_decide(store, dump, before)
     store.close()
+
+
+def _tokens_and_grants_still_decide(store: Store, dump: Path,
+                                    before: dict[str, list[dict[str, Any]]]) -> None:
+    """The migrated database answers the access questions the old one did: its tokens
+    name their principals, its grants and VM owners decide."""
+    security = Security(store, HostPolicy())
+    secrets = re.findall(r"^-- token (\S+): (\S+)$", dump.read_text(), re.M)
+    valid = 0
+    for who, secret in secrets:
+        info = security.tokens.lookup(secret)
+        assert info is not None and info.principal == who, who
+        if info.status() is TokenStatus.VALID:
+            principal = security.token_principal(secret)[0]
+            assert principal == Principal(who, info.id)
+            valid += 1
+    assert valid, "the dump has a token that still authenticates"
+    owners = {str(r["name"]): str(r["owner"]) for r in before["vm_owners"]}
+    for r in before["acl"]:
+        who, path, role = str(r["principal"]), str(r["path"]), BUILTIN_ROLES[str(r["role"])]
+        principal = Principal(who, "t1")
+        assert role in security.access().roles_on(who, path), r
+        for vm in (v["name"] for v in before["vms"]):
+            vm_path = f"/vms/{vm}"
+            if vm_path != path and path not in ("/", "/vms"):
+                continue  # the grant does not reach this VM
+            mine = not role.owner_only or owners.get(str(vm)) == who
+            for privilege in role.privileges:
+                assert security.allowed(principal, privilege, vm_path) is mine, \
+                    (who, privilege, vm_path)
 
 
 def _newer_db(path: Path) -> bytes:

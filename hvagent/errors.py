@@ -44,6 +44,12 @@ class Busy(Conflict):
         self.operation = operation
 
 
+class PolicyDenied(HVError):
+    """A request the host policy or access control refuses; the message names the rule."""
+
+    kind = "forbidden"
+
+
 class OperationFailed(HVError):
     """The request was valid but the hypervisor or the host failed to carry it out."""
 

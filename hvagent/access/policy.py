@@ -22,18 +22,12 @@ from hvagent.access.acl import AccessControl, AclEntry, vm_of
 from hvagent.access.principal import current_principal
 from hvagent.access.privileges import ADMINISTRATOR, ALL_PRIVILEGES, BUILTIN_ROLES, Role
 from hvagent.config import load_settings
-from hvagent.errors import HVError
+from hvagent.errors import PolicyDenied
 from hvagent.host.formats import DiskFormat
 from hvagent.spec import VLAN_MAX, VLAN_MIN, VLAN_RULE
 
 __all__ = ["AclEntry", "Admission", "HostPolicy", "PolicyDenied", "Quotas", "RoleDef",
            "Usage", "load_policy"]
-
-
-class PolicyDenied(HVError):
-    """A request the host policy refuses; the message names the rule."""
-
-    kind = "forbidden"
 
 
 # the policy file

@@ -25,12 +25,12 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from hvagent.access.policy import PolicyDenied
 from hvagent.access.principal import ROOT, Principal, current_principal
 from hvagent.access.privileges import Privilege
 from hvagent.access.security import Security
 from hvagent.api.errors import MUTATING, PROBLEM, problem
 from hvagent.api.routes import routes
+from hvagent.errors import PolicyDenied
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from hvagent.access.policy import PolicyDenied
-from hvagent.errors import Conflict
+from hvagent.errors import Conflict, PolicyDenied
 from hvagent.spec import VMSpec
 
 if TYPE_CHECKING:

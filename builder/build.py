@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,9 +21,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from builder import dib, hostcompat, outputs, render
+from builder import dib, hostcompat, inputs, outputs, render
 from builder.paths import display
 from builder.profile import Profile
+from builder.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class BuildResult:
     manifest: dict[str, Any]
 
 
-def plan(profile: Profile) -> tuple[list[Path], bool, outputs.Inputs]:
+def plan(profile: Profile) -> tuple[list[Path], bool, inputs.Inputs]:
     """(element closure, whether the agent wheels are needed, input hash)."""
     try:
         closure = render.element_closure([*profile.elements, render.OVERLAY_DEPS])
@@ -48,8 +48,8 @@ def plan(profile: Profile) -> tuple[list[Path], bool, outputs.Inputs]:
         raise profile.error("elements", str(e)) from None
     with_agent = any(p.name == "hvagent" for p in closure)
     # The agent's source is an input only of images that carry the agent.
-    agent = render.agent_source_hash() if with_agent else None
-    return closure, with_agent, outputs.input_hash(profile, closure, agent)
+    agent = inputs.agent_source_hash() if with_agent else None
+    return closure, with_agent, inputs.input_hash(profile, closure, agent)
 
 
 def dry_run_command(profile: Profile, out_root: Path) -> dib.DibCommand:
@@ -67,15 +67,15 @@ def _lock(out_root: Path, name: str) -> Iterator[None]:
 
 
 def build(profile: Profile, out_root: Path, *, force: bool = False,
-          progress: dib.Progress | None = None) -> BuildResult:
+          progress: Progress | None = None) -> BuildResult:
     out_root.mkdir(parents=True, exist_ok=True)
     out_root = out_root.resolve()  # DIB changes directories; give it absolute paths
     final = out_root / profile.name
-    progress = progress or dib.Progress(f"build {profile.name}")
+    progress = progress or Progress(f"build {profile.name}")
     with _lock(out_root, profile.name):
-        closure, with_agent, inputs = plan(profile)
+        closure, with_agent, wanted = plan(profile)
         if not force:
-            ok, why = outputs.reusable(final, inputs)
+            ok, why = outputs.reusable(final, wanted)
             if ok:
                 manifest = outputs.read_manifest(final) or {}
                 return BuildResult(final, True, manifest)
@@ -84,7 +84,7 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{profile.name}.build-"))
         try:
-            wheels = render.build_wheelhouse(inputs.parts["agent_source"]) if with_agent else None
+            wheels = render.build_wheelhouse(wanted.parts["agent_source"]) if with_agent else None
             if wheels is not None:
                 progress.note(f"agent wheels: {len(list(wheels.glob('*.whl')))} from {wheels}")
             render.render_overlay(profile, tmp, wheels)  # -> tmp/elements, as dib_command expects
@@ -94,7 +94,7 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
             cmd = dib.dib_command(profile, tmp)
             dib_base = tmp / "dib" / profile.name
             log_path = result / "dib.log"
-            try:
+            try:  # once per build, before DIB's first kpartx
                 kpartx = hostcompat.ensure_kpartx()
             except (OSError, RuntimeError) as e:
                 raise BuildError(f"this host has no device-mapper and {e}") from None
@@ -124,8 +124,8 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                     "command": cmd.argv[1:],
                     "environment": {k: v for k, v in cmd.env.items() if k.startswith("DIB_")},
                 },
-                "input_hash": inputs.digest,
-                "inputs": inputs.parts,
+                "input_hash": wanted.digest,
+                "inputs": wanted.parts,
             }
             outputs.write_manifest(result, manifest)
             _replace_dir(result, final)
@@ -153,4 +153,4 @@ def _remove_build_dir(tmp: Path) -> None:
     if dib.mounts_under(str(tmp)):
         log.warning("%s: still has mounts; left in place", tmp)
         return
-    subprocess.run(["rm", "-rf", "--one-file-system", str(tmp)], check=False)
+    dib.remove_tree(tmp)

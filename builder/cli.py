@@ -23,9 +23,10 @@ from pathlib import Path
 import yaml
 
 from builder import build as build_mod
-from builder import dib, qemu, render
+from builder import qemu, render
 from builder.paths import display, image_tests_dir, profiles_dir, repo_root
 from builder.profile import FIELDS, Profile, ProfileError, list_profiles, load
+from builder.progress import Progress
 from hvagent.errors import InvalidRequest
 
 EXIT_USAGE = 2
@@ -220,7 +221,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(cmd.shell())
         return 0
     result = build_mod.build(profile, out_root, force=args.force,
-                             progress=dib.Progress(f"build {profile.name}"))
+                             progress=Progress(f"build {profile.name}"))
     outdir = display(result.outdir)
     if result.reused:
         files = ", ".join(f"{outdir}/{a['file']}" for a in result.manifest["artifacts"].values())

@@ -1,14 +1,15 @@
 """Running diskimage-builder: the exact command line and environment, and the run itself.
 
 The command (`disk-image-create`) gets ELEMENTS_PATH = the repo's elements/ + the build's
-overlay, DIB_RELEASE from the profile, the Debian mirrors this host's apt already uses,
-the profile's packages via `-p` and its size via `--image-size`. DIB's cache
-(~/.cache/image-create, debootstrap tarballs) is kept between builds.
+overlay, DIB_RELEASE from the profile, the Debian mirrors this host's apt already uses
+(builder.mirrors), the profile's packages via `-p` and its size via `--image-size`.
+DIB's cache (~/.cache/image-create, debootstrap tarballs) is kept between builds.
 
 While DIB runs, its log lines are parsed for phases ("Running hooks from .../root.d")
-and scripts ("dib-run-parts Running .../08-debootstrap"): a rich progress display on a
-terminal, plain log lines otherwise. The full log goes to a file. A failure is reported
-with the step that failed and the last error lines.
+and scripts ("dib-run-parts Running .../08-debootstrap") and handed to a reporter
+(builder.progress shows them). The full log goes to a file. A failure is reported with
+the step that failed and the last error lines; an interrupted run leaves no loop
+device, mount or work directory behind.
 """
 
 from __future__ import annotations
@@ -21,23 +22,19 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from builder import hostcompat
+from builder.mirrors import host_mirrors
 from builder.paths import elements_dir
 from builder.profile import Profile
 from builder.render import OVERLAY
+from hvagent.host import run
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 # bootloader element's default, kept when the profile appends to the command line.
 DIB_DEFAULT_CMDLINE = "nofb nomodeset gfxpayload=text"
 # DIB's phases in the order it runs them (hook directories, then the image conversion).
@@ -45,80 +42,12 @@ PHASES = ("elements", "root", "extra-data", "pre-install", "install", "post-inst
           "post-root", "block-device", "pre-finalise", "finalise", "cleanup", "convert")
 
 
+# Each cleanup command after an interrupted build (losetup, umount, rm of a work dir).
+CLEANUP_TIMEOUT = 300.0
+
+
 def image_cache_dir() -> Path:
     return Path.home() / ".cache" / "image-create"
-
-
-# ---------------------------------------------------------------- mirrors from host apt
-
-
-@dataclass(frozen=True)
-class AptSource:
-    uri: str
-    suites: tuple[str, ...]
-
-
-def parse_deb822(text: str) -> list[AptSource]:
-    out: list[AptSource] = []
-    for para in re.split(r"\n\s*\n", text):
-        fields: dict[str, str] = {}
-        key = None
-        for line in para.splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            if line[0] in " \t" and key:
-                fields[key] += " " + line.strip()
-                continue
-            if ":" in line:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                fields[key] = value.strip()
-        if "deb" not in fields.get("types", "").split():
-            continue
-        if fields.get("enabled", "yes").lower() == "no":
-            continue
-        for uri in fields.get("uris", "").split():
-            out.append(AptSource(uri.rstrip("/"), tuple(fields.get("suites", "").split())))
-    return out
-
-
-def parse_one_line(text: str) -> list[AptSource]:
-    out: list[AptSource] = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        line = re.sub(r"\[[^\]]*\]", " ", line)  # drop [arch=... signed-by=...] options
-        parts = line.split()
-        if len(parts) >= 3 and parts[0] == "deb":
-            out.append(AptSource(parts[1].rstrip("/"), (parts[2],)))
-    return out
-
-
-def host_apt_sources(apt_dir: Path = Path("/etc/apt")) -> list[AptSource]:
-    sources: list[AptSource] = []
-    files = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*"))]
-    for f in files:
-        try:
-            text = f.read_text()
-        except OSError:
-            continue
-        if f.suffix == ".sources":
-            sources += parse_deb822(text)
-        elif f.suffix == ".list":
-            sources += parse_one_line(text)
-    return sources
-
-
-def host_mirrors(release: str, apt_dir: Path = Path("/etc/apt")) -> tuple[str, str]:
-    """(distribution mirror, security mirror) this host uses for `release`, else Debian's."""
-    mirror = security = None
-    for s in host_apt_sources(apt_dir):
-        if not s.uri.startswith(("http://", "https://")):
-            continue
-        if mirror is None and release in s.suites:
-            mirror = s.uri
-        if security is None and f"{release}-security" in s.suites:
-            security = s.uri
-    return mirror or DEFAULT_MIRROR, security or DEFAULT_SECURITY_MIRROR
 
 
 # ---------------------------------------------------------------- the command
@@ -249,16 +178,16 @@ Reporter = Callable[[DibState], None]
 
 def run_dib(cmd: DibCommand, log_path: Path, report: Reporter | None = None,
             cwd: Path | None = None) -> DibState:
-    """Run DIB, tee its output to log_path, call report on each new step; raise DibFailed."""
-    hostcompat.ensure_kpartx()
+    """Run DIB, tee its output to log_path, call report on each new step; raise DibFailed.
+    The caller has made `kpartx` work on this host (builder.hostcompat.ensure_kpartx)."""
     env = {**os.environ, **cmd.env}
     state = DibState()
     with cache_lock(Path(cmd.env["DIB_IMAGE_CACHE"])), open(log_path, "w") as logf:
         logf.write("# " + cmd.shell().replace("\n", "\n# ") + "\n")
         logf.flush()
-        proc = subprocess.Popen(
-            cmd.argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+        proc = run.spawn(
+            cmd.argv, env=env, cwd=cwd, stdout=run.PIPE, stderr=run.STDOUT, text=True,
+            errors="replace", bufsize=1,
             start_new_session=True,  # so an interrupt reaches DIB's whole process group
         )
         assert proc.stdout is not None
@@ -269,7 +198,8 @@ def run_dib(cmd: DibCommand, log_path: Path, report: Reporter | None = None,
                     report(state)
             rc = proc.wait()
         except BaseException:
-            _stop(proc)
+            # Like Ctrl-C would, then whatever of its group is left (chrooted apt, sudo).
+            run.stop_group(proc, grace=60.0, sig=signal.SIGINT)
             release_work_dir(cmd)
             raise
     if rc != 0:
@@ -291,20 +221,6 @@ def cache_lock(cache: Path) -> Iterator[None]:
         yield
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    """Interrupt DIB like Ctrl-C would, then end whatever of its group is left."""
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60.0)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (chrooted apt, sudo) of DIB's group
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def release_work_dir(cmd: DibCommand) -> None:
     work = cmd.env.get("TMP_DIR")
     if work:
@@ -320,8 +236,8 @@ def mounts_under(d: str) -> list[str]:
 def release_tmpdirs(dirs: set[str]) -> None:
     """Undo what an interrupted DIB leaves behind (its EXIT trap does not survive a
     Ctrl-C reliably): loop devices and mounts under its work dirs, then the dirs."""
-    loops = subprocess.run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"],
-                           capture_output=True, text=True).stdout.splitlines()
+    loops = run.run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"], timeout=CLEANUP_TIMEOUT,
+                    check=False).out.splitlines()
     for d in sorted(dirs):
         if not os.path.isdir(d):
             continue
@@ -329,62 +245,16 @@ def release_tmpdirs(dirs: set[str]) -> None:
             if back.strip().startswith(d + "/"):
                 for link in Path("/dev/mapper").glob(f"{Path(dev).name}p*"):
                     link.unlink(missing_ok=True)
-                subprocess.run(["partx", "-d", dev], capture_output=True)
-                subprocess.run(["losetup", "-d", dev], capture_output=True)
+                run.run(["partx", "-d", dev], timeout=CLEANUP_TIMEOUT, check=False)
+                run.run(["losetup", "-d", dev], timeout=CLEANUP_TIMEOUT, check=False)
         for point in sorted(mounts_under(d), key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+            run.run(["umount", "-l", point], timeout=CLEANUP_TIMEOUT, check=False)
         if mounts_under(d):
             log.warning("%s: still has mounts after an interrupted build; left in place", d)
             continue
-        # --one-file-system: never follow into anything that is still mounted
-        subprocess.run(["rm", "-rf", "--one-file-system", d], capture_output=True)
+        remove_tree(d)
 
 
-# ---------------------------------------------------------------- progress
-
-
-class Progress:
-    """DIB phases as a rich progress bar on a terminal, else one log line per step."""
-
-    def __init__(self, title: str, terminal: bool | None = None) -> None:
-        self.terminal = sys.stderr.isatty() if terminal is None else terminal
-        self.title = title
-        self.started = time.monotonic()
-        self._progress: Any = None  # rich.progress.Progress, imported only on a terminal
-        self._task: Any = None
-
-    def __enter__(self) -> Progress:
-        if self.terminal:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-            self._progress = Progress(
-                SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=False)
-            self._progress.start()
-            self._task = self._progress.add_task(self.title, total=len(PHASES), step="start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def note(self, message: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(message)
-        else:
-            print(f"[{time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr,
-                  flush=True)
-
-    def __call__(self, state: DibState) -> None:
-        if self._progress is not None and self._task is not None:
-            done = PHASES.index(state.phase) if state.phase in PHASES else 0
-            self._progress.update(self._task, completed=done, step=state.step)
-        else:
-            self.note(f"dib: {state.step}")
+def remove_tree(d: str | Path) -> None:
+    """rm -rf, never following into anything that is still mounted there."""
+    run.run(["rm", "-rf", "--one-file-system", str(d)], timeout=CLEANUP_TIMEOUT, check=False)

@@ -1,10 +1,11 @@
-"""Build outputs: artifacts converted from DIB's qcow2, the input hash, manifest.json.
+"""Build outputs: artifacts converted from DIB's qcow2, and manifest.json.
 
 qcow2 is DIB's own (already compressed); raw, vhd (dynamic, force_size=on so the size
 is not rounded to CHS geometry), vhdx and usb (a dd-able raw image that boots with BIOS)
 are made with `qemu-img convert`. manifest.json records the resolved profile, the
 elements, the installed packages (DIB's dpkg manifest), each artifact's sha256 and
-size, the build duration and the input hash that decides whether a rebuild is needed.
+size, the build duration and the input hash (builder.inputs) that decides whether a
+rebuild is needed.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from builder.inputs import Inputs, changed_inputs
 from builder.profile import OutputFormat, Profile
-from builder.render import hash_tree
+from hvagent.host import run
+from hvagent.host.kvm import QEMU_IMG
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# One conversion or copy of an artifact (a few GiB on a slow disk).
+CONVERT_TIMEOUT = 1800.0
 
 # qemu-img output format and options per artifact kind.
 _CONVERT: dict[OutputFormat, tuple[str, list[str]]] = {
@@ -63,11 +65,13 @@ def produce(profile: Profile, qcow2: Path, dest: Path) -> dict[str, dict[str, An
             os.link(made[OutputFormat.USB], target)
         else:
             qfmt, opts = _CONVERT[fmt]
-            proc = subprocess.run(
-                ["qemu-img", "convert", "-f", "qcow2", "-O", qfmt, *opts, str(qcow2), str(target)],
-                capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise OutputError(f"qemu-img convert to {fmt} failed: {proc.stderr.strip()}")
+            try:
+                done = run.run([QEMU_IMG, "convert", "-f", "qcow2", "-O", qfmt, *opts, qcow2,
+                                target], timeout=CONVERT_TIMEOUT, check=False)
+            except run.ProcessFailed as e:  # not installed, or timed out
+                raise OutputError(str(e)) from None
+            if done.returncode != 0:
+                raise OutputError(f"qemu-img convert to {fmt} failed: {done.err.strip()}")
         made[fmt] = target
     return {
         str(fmt): {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}
@@ -80,7 +84,10 @@ def _same_fs(a: Path, b: Path) -> bool:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    try:
+        run.run(["cp", "--sparse=always", src, dst], timeout=CONVERT_TIMEOUT)
+    except run.ProcessFailed as e:
+        raise OutputError(str(e)) from None
 
 
 def read_dpkg_manifest(dib_base: Path) -> list[dict[str, str]]:
@@ -97,30 +104,6 @@ def read_dpkg_manifest(dib_base: Path) -> list[dict[str, str]]:
             key=lambda p: p["name"],
         )
     return []
-
-
-@dataclass(frozen=True)
-class Inputs:
-    digest: str
-    parts: dict[str, Any]
-
-
-def input_hash(profile: Profile, elements: list[Path], agent_hash: str | None) -> Inputs:
-    """One hash over everything that shapes the image: resolved profile, every element
-    used (with element-deps; templates live in them), agent source and DIB's version."""
-    parts: dict[str, Any] = {
-        "profile": hashlib.sha256(
-            json.dumps(profile.to_dict(), sort_keys=True).encode()).hexdigest(),
-        "elements": {},
-        "agent_source": agent_hash,
-        "diskimage-builder": version("diskimage-builder"),
-    }
-    for element in elements:
-        h = hashlib.sha256()
-        hash_tree(h, element, [element])
-        parts["elements"][element.name] = h.hexdigest()
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    return Inputs(digest, parts)
 
 
 def read_manifest(outdir: Path) -> dict[str, Any] | None:
@@ -146,18 +129,6 @@ def reusable(outdir: Path, inputs: Inputs) -> tuple[bool, str]:
         if sha256_file(path) != art["sha256"]:
             return False, f"{fmt} artifact changed since it was built"
     return True, "up to date"
-
-
-def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Names of what differs between two input records (e.g. `element hvagent`)."""
-    names = []
-    for key in sorted(set(old) | set(new)):
-        if key == "elements":
-            a, b = old.get(key) or {}, new.get(key) or {}
-            names += [f"element {e}" for e in sorted(set(a) | set(b)) if a.get(e) != b.get(e)]
-        elif old.get(key) != new.get(key):
-            names.append(key.replace("_", " "))
-    return names or ["unknown"]
 
 
 def write_manifest(dest: Path, data: dict[str, Any]) -> Path:

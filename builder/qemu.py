@@ -13,23 +13,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from hvagent.host.kvm import QEMU, AccelChoice, choose_accel
+from hvagent.host import run
+from hvagent.host.kvm import QEMU, QEMU_IMG, AccelChoice, choose_accel
 
 log = logging.getLogger(__name__)
 
 FW_CFG_KEY_NAME = "opt/corehost/authorized_keys"
+# qemu-img info on a local file; one ssh probe of a booting guest (ConnectTimeout=5).
+INFO_TIMEOUT = 60.0
+SSH_PROBE_TIMEOUT = 30.0
 
 
 class BootError(Exception):
@@ -43,11 +46,14 @@ def free_port() -> int:
 
 
 def image_format(image: Path) -> str:
-    proc = subprocess.run(["qemu-img", "info", "--output=json", str(image)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BootError(f"{image}: not a disk image qemu-img can read: {proc.stderr.strip()}")
-    return str(json.loads(proc.stdout)["format"])
+    try:
+        done = run.run([QEMU_IMG, "info", "--output=json", image], timeout=INFO_TIMEOUT,
+                       check=False)
+    except run.ProcessFailed as e:
+        raise BootError(f"{image}: {e}") from None
+    if done.returncode != 0:
+        raise BootError(f"{image}: not a disk image qemu-img can read: {done.err.strip()}")
+    return str(json.loads(done.out)["format"])
 
 
 @dataclass
@@ -77,7 +83,7 @@ class Machine:
         self.qmp_path = self.workdir / "qmp.sock"
         self.ssh_port = free_port()
         self.accel: AccelChoice = choose_accel(opts.accel)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: run.Popen[Any] | None = None
 
     def command(self) -> list[str]:
         o = self.opts
@@ -107,8 +113,10 @@ class Machine:
         cmd = self.command()
         log.info("qemu: %s", " ".join(cmd))
         # Own session: Ctrl-C reaches us, and we power the guest off cleanly.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            self.proc = run.spawn(cmd, start_new_session=True)
+        except run.ProcessFailed as e:
+            raise BootError(str(e)) from None
         return self
 
     def __enter__(self) -> Machine:
@@ -163,11 +171,15 @@ class Machine:
         while time.monotonic() - start < timeout:
             if not self.running:
                 raise self._died()
-            proc = subprocess.run([*self.ssh_base(identity), "true"], capture_output=True,
-                                  text=True, stdin=subprocess.DEVNULL)
-            if proc.returncode == 0:
+            try:
+                done = run.run([*self.ssh_base(identity), "true"], timeout=SSH_PROBE_TIMEOUT,
+                               check=False)
+            except run.ProcessFailed as e:  # a probe that hung: try again
+                last = str(e)
+                continue
+            if done.returncode == 0:
                 return time.monotonic() - start
-            last = proc.stderr.strip()
+            last = done.err.strip()
             time.sleep(2)
         raise BootError(f"no ssh on 127.0.0.1:{self.ssh_port} after {timeout:.0f}s ({last}); "
                         f"serial console:\n{self.serial_tail()}")
@@ -194,14 +206,13 @@ class Machine:
                 self._qmp("system_powerdown")
                 try:
                     self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
+                except run.TimeoutExpired:
                     log.warning("guest ignored the ACPI power button for %.0fs; quitting", timeout)
                     self._qmp("quit")
                     try:
                         self.proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(self.proc.pid, signal.SIGKILL)
-                        self.proc.wait()
+                    except run.TimeoutExpired:
+                        run.stop_group(self.proc, grace=0, sig=signal.SIGKILL)
             return self.proc.returncode
         finally:
             # The temp dir stays only while it holds the serial log (for reading later).

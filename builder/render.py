@@ -6,16 +6,14 @@ into `<build>/elements/corehost-overlay/static/<path-in-image>`. The overlay dep
 install-static, so DIB copies the files into the image. elements/ is never written.
 
 The agent goes into the image as wheels of this project and its runtime dependencies at
-/opt/hvagent/wheels/; they are cached by a hash of the agent source and pyproject.toml.
+/opt/hvagent/wheels/; they are cached by the agent's source hash (builder.inputs).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -25,8 +23,10 @@ import diskimage_builder
 import jinja2
 from diskimage_builder import element_dependencies
 
+from builder.inputs import AGENT_SOURCES, agent_source_hash
 from builder.paths import display, elements_dir, repo_root
 from builder.profile import Profile
+from hvagent.host import run
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ WHEEL_PYTHON = "3.11"
 WHEEL_PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(36, 16, -1)] + [
     "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64",
 ]
-# What goes into the corehost wheel (and so into the image).
-AGENT_SOURCES = ("pyproject.toml", "README.md", "builder", "hvagent")
 WHEEL_CACHE_KEEP = 3
+# pip building the corehost wheel, or downloading its dependencies (a slow mirror).
+PIP_TIMEOUT = 1800.0
 
 
 class RenderError(Exception):
@@ -129,31 +129,7 @@ def render_overlay(profile: Profile, build_dir: Path, wheels: Path | None) -> Pa
     return elements_root
 
 
-# ---------------------------------------------------------------- hashing and wheels
-
-
-def hash_tree(h: hashlib._Hash, root: Path, paths: Iterable[Path]) -> None:
-    """Feed file names (relative to root), modes and contents into h, in a stable order."""
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += [f for f in p.rglob("*") if f.is_file() or f.is_symlink()]
-        elif p.exists():
-            files.append(p)
-    for f in sorted(set(files)):
-        if "__pycache__" in f.parts or f.suffix == ".pyc":
-            continue
-        rel = f.relative_to(root).as_posix()
-        h.update(f"{rel}\0{f.lstat().st_mode:o}\0".encode())
-        h.update(os.readlink(f).encode() if f.is_symlink() else f.read_bytes())
-        h.update(b"\0")
-
-
-def agent_source_hash() -> str:
-    root = repo_root()
-    h = hashlib.sha256()
-    hash_tree(h, root, [root / p for p in AGENT_SOURCES])
-    return h.hexdigest()
+# ---------------------------------------------------------------- the agent's wheels
 
 
 def wheel_cache_dir() -> Path:
@@ -209,7 +185,10 @@ def _prune(cache: Path, keep: int) -> None:
 
 
 def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RenderError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
+    try:
+        done = run.run(cmd, timeout=PIP_TIMEOUT, check=False)
+    except run.ProcessFailed as e:  # not started, or timed out
+        raise RenderError(f"{what} failed: {e}") from None
+    if done.returncode != 0:
+        tail = (done.err or done.out).strip().splitlines()[-5:]
+        raise RenderError(f"{what} failed (exit {done.returncode}): " + " | ".join(tail))

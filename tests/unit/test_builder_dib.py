@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import cli, dib
+from builder import cli, dib, mirrors
 from builder.profile import load
 
 PROFILE = """\
@@ -55,7 +55,7 @@ def apt_dir(tmp_path: Path, sources: dict[str, str]) -> Path:
 
 def test_mirrors_from_deb822(tmp_path: Path) -> None:
     d = apt_dir(tmp_path, {"sources.list.d/debian.sources": DEB822})
-    assert dib.host_mirrors("bookworm", d) == ("http://mirror.example/debian",
+    assert mirrors.host_mirrors("bookworm", d) == ("http://mirror.example/debian",
                                                "http://mirror.example/debian-security")
 
 
@@ -64,14 +64,15 @@ def test_mirrors_from_one_line_sources(tmp_path: Path) -> None:
         "# deb http://commented.example/debian bookworm main\n"
         "deb [signed-by=/usr/share/keyrings/k.gpg] http://m.example/debian bookworm main\n"
         "deb http://m.example/security bookworm-security main\n")})
-    assert dib.host_mirrors("bookworm", d) == ("http://m.example/debian",
+    assert mirrors.host_mirrors("bookworm", d) == ("http://m.example/debian",
                                                "http://m.example/security")
 
 
 def test_mirrors_fall_back_to_debian(tmp_path: Path) -> None:
     # An Ubuntu host: nothing for bookworm.
     d = apt_dir(tmp_path, {"sources.list": "deb http://archive.ubuntu.com/ubuntu noble main\n"})
-    assert dib.host_mirrors("bookworm", d) == (dib.DEFAULT_MIRROR, dib.DEFAULT_SECURITY_MIRROR)
+    assert mirrors.host_mirrors("bookworm", d) == (mirrors.DEFAULT_MIRROR,
+                                                   mirrors.DEFAULT_SECURITY_MIRROR)
 
 
 def test_command_line_and_environment(small: Path, fake_root: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder import outputs
+from builder.inputs import Inputs
 from builder.profile import load
 
 
@@ -75,13 +76,13 @@ def test_reuse_only_when_hash_matches_and_artifacts_intact(tmp_path: Path) -> No
     outdir.mkdir()
     art = outdir / "p.qcow2"
     art.write_bytes(b"image bytes")
-    inputs = outputs.Inputs("abc", {})
+    inputs = Inputs("abc", {})
     assert outputs.reusable(outdir, inputs) == (False, "no previous build")
     outputs.write_manifest(outdir, {"input_hash": "abc", "inputs": {"elements": {"vm": "1"}},
                                     "artifacts": {"qcow2": {
         "file": art.name, "sha256": outputs.sha256_file(art), "size": art.stat().st_size}}})
     assert outputs.reusable(outdir, inputs) == (True, "up to date")
-    changed = outputs.Inputs("def", {"elements": {"vm": "2"}, "agent_source": "x"})
+    changed = Inputs("def", {"elements": {"vm": "2"}, "agent_source": "x"})
     assert outputs.reusable(outdir, changed) == (
         False, "inputs changed: agent source, element vm")
     art.write_bytes(b"image BYTES")  # same size, different content (booted without -snapshot)

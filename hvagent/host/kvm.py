@@ -16,17 +16,18 @@ import json
 import logging
 import os
 import select
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from hvagent.errors import InvalidRequest
+from hvagent.host import run
 
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
+QEMU_IMG = "qemu-img"  # QEMU's image tool, from the same package
 # Where ci/host-deps.sh unpacks a stock Debian kernel on build machines.
 KERNEL_CACHE = Path("/var/cache/corehost/kernel")
 PROBE_MARKER = b"Linux version"
@@ -83,9 +84,7 @@ def probe_kvm(kernel: Path, timeout: float = DEFAULT_PROBE_TIMEOUT) -> tuple[boo
         "-serial", "stdio", "-kernel", str(kernel),
         "-append", "console=ttyS0 panic=-1 loglevel=4",
     ]
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-    )
+    proc = run.spawn(cmd, stdout=run.PIPE, stderr=run.DEVNULL)
     assert proc.stdout is not None
     seen = b""
     deadline = time.monotonic() + timeout

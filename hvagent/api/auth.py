@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from hvagent.access.principal import ROOT, Principal, current_principal
 from hvagent.access.privileges import Privilege
 from hvagent.access.security import Security
-from hvagent.api.errors import MUTATING, PROBLEM, problem
+from hvagent.api.errors import MUTATING, PROBLEM, PROBLEM_REF, PROBLEM_SCHEMA, problem
 from hvagent.api.routes import routes
 from hvagent.errors import PolicyDenied
 
@@ -261,13 +261,6 @@ def install(app: FastAPI) -> None:
     _document(app)
 
 
-_PROBLEM_SCHEMA = {
-    "type": "object", "required": ["title", "status", "detail"],
-    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
-                   "status": {"type": "integer"}, "detail": {"type": "string"}},
-}
-
-
 def _document(app: FastAPI) -> None:
     """Put what access control adds into the OpenAPI document: the bearer scheme, each
     operation's privilege (x-privilege, x-acl-path), its 401/403 answers, and the
@@ -278,9 +271,8 @@ def _document(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = build()
-        problem_ref = {"$ref": "#/components/schemas/Problem"}
         comps = schema.setdefault("components", {})
-        comps.setdefault("schemas", {})["Problem"] = _PROBLEM_SCHEMA
+        comps.setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
         comps.setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer",
             "description": "API token from `hvagent token create` (a uid-0 peer on the "
@@ -301,7 +293,7 @@ def _document(app: FastAPI) -> None:
                 if code == "422" and code not in responses:
                     continue
                 responses[code] = {"description": text,
-                                   "content": {PROBLEM: {"schema": problem_ref}}}
+                                   "content": {PROBLEM: {"schema": PROBLEM_REF}}}
         app.openapi_schema = schema
         return schema
 

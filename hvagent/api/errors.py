@@ -34,6 +34,13 @@ STATUS = {
     "error": 500,
 }
 PROBLEM = "application/problem+json"
+# The body of every error answer, in the OpenAPI document (components/schemas/Problem).
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["title", "status", "detail"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                   "status": {"type": "integer"}, "detail": {"type": "string"}},
+}
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 # The methods that change something: they can meet a conflict or fail, and every one is
 # audited (hvagent.api.auth).
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -131,9 +138,8 @@ def declare(app: FastAPI) -> None:
         schema = build()
         if done:
             return schema
-        problem_ref = {"$ref": "#/components/schemas/Problem"}
         schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
-            "Problem", {"type": "object", "required": ["title", "status", "detail"]})
+            "Problem", PROBLEM_SCHEMA)
         for path, route in routes(app):
             if not isinstance(route, APIRoute) or not route.include_in_schema:
                 continue
@@ -144,7 +150,7 @@ def declare(app: FastAPI) -> None:
                 responses = op.setdefault("responses", {})
                 for code, text in _declared(path, route, method).items():
                     responses.setdefault(code, {
-                        "description": text, "content": {PROBLEM: {"schema": problem_ref}}})
+                        "description": text, "content": {PROBLEM: {"schema": PROBLEM_REF}}})
         done = True
         return schema
 

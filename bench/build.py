@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from builder import dib, qemu
+from builder import dib, mirrors, qemu
 from builder.paths import elements_dir, repo_root
 from builder.profile import Profile, load
 from builder.render import element_closure
@@ -98,7 +98,7 @@ def bare_network_element(root: Path) -> Path:
 
 
 def build_bare(profile: Profile, work: Path) -> tuple[float, Path]:
-    mirror, security = dib.host_mirrors(profile.release)
+    mirror, security = mirrors.host_mirrors(profile.release)
     env = {
         **os.environ,
         "ELEMENTS_PATH": str(bare_network_element(work / "elements")),

@@ -12,8 +12,8 @@ same run.
    vCPU, memory (DIMM), disk and NIC. The guest reports every ~0.5 s: that is the
    resolution of these figures.
 
-libvirt is only the peer of this benchmark (see bench/lifecycle.py, whose helpers are
-used here: install, daemons, /dev/kvm group).
+libvirt is only the peer of this benchmark (bench/support/libvirt.py: install,
+daemons, /dev/kvm group; bench/lifecycle.py says why).
 
 Usage: python bench/checkpoints.py [--rounds N]   (as root; QEMU under TCG or KVM)
 """
@@ -21,10 +21,8 @@ Usage: python bench/checkpoints.py [--rounds N]   (as root; QEMU under TCG or KV
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,17 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lifecycle  # bench/lifecycle.py: the libvirt helpers
-from lifecycle import REPO, tinyguest
-
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-from conftest import Agent  # noqa: E402  (the tests' real agent process + client)
+from support import say
+from support.agent import Agent, library_for
+from support.guest import build_guest, tinyguest
+from support.libvirt import libvirt_session, run_peer
 
 MEMORY_MIB = 512
-
-
-def say(msg: str) -> None:
-    print(f"[checkpoints] {msg}", flush=True)
 
 
 def last_state(agent: Agent, name: str) -> dict[str, str] | None:
@@ -74,10 +67,10 @@ def job(agent: Agent, method: str, path: str, **kw: Any) -> tuple[float, dict[st
 # hvagent side
 
 
-def bench_hvagent(guest: tinyguest.TinyGuest, work: Path, rounds: int) -> dict[str, Any]:
+def bench_hvagent(guest: Any, work: Path, rounds: int) -> dict[str, Any]:
     root = work / "hvagent"
     root.mkdir()
-    agent = Agent(root, library=tinyguest.library(guest.initrd.parent))
+    agent = Agent(root, library_for(guest))
     agent.start()
     out: dict[str, Any] = {"create": [], "revert": []}
     try:
@@ -137,9 +130,6 @@ def bench_hvagent(guest: tinyguest.TinyGuest, work: Path, rounds: int) -> dict[s
         return out
     finally:
         agent.stop()
-        for pid in agent.qemu_pids():
-            os.kill(pid, signal.SIGKILL)
-        agent.client.close()
 
 
 # libvirt side (runs under Debian's python3 with python3-libvirt)
@@ -236,7 +226,7 @@ print(json.dumps(out))
 '''
 
 
-def bench_libvirt(guest: tinyguest.TinyGuest, work: Path, rounds: int) -> dict[str, Any]:
+def bench_libvirt(guest: Any, work: Path, rounds: int) -> dict[str, Any]:
     d = work / "libvirt"
     d.mkdir(mode=0o777)
     d.chmod(0o777)  # QEMU may run as libvirt-qemu
@@ -246,11 +236,7 @@ def bench_libvirt(guest: tinyguest.TinyGuest, work: Path, rounds: int) -> dict[s
     cfg = {"rounds": rounds, "tag": str(os.getpid()), "dir": str(d), "disk": str(disk),
            "memory": MEMORY_MIB, "kernel": str(guest.kernel), "initrd": str(guest.initrd),
            "append": guest.append()}
-    r = subprocess.run(["/usr/bin/python3", "-c", LIBVIRT_SCRIPT, json.dumps(cfg)],
-                       stdout=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise RuntimeError("libvirt side failed (see above)")
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+    return dict(run_peer(LIBVIRT_SCRIPT, cfg))
 
 
 def main() -> int:
@@ -260,10 +246,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-checkpoints-"))
     work.chmod(0o755)
     try:
-        guest = lifecycle.build_guest(work)
+        guest = build_guest(work)
         say(f"hvagent: {args.rounds} rounds")
         hv = bench_hvagent(guest, work, args.rounds)
-        with lifecycle.libvirt_session():
+        with libvirt_session():
             say(f"libvirt: {args.rounds} rounds")
             lv = bench_libvirt(guest, work, args.rounds)
     finally:

@@ -39,9 +39,9 @@ imported only when TLS certificates or tables are made. MALLOC_ARENA_MAX=2 is a
 legitimate deployment setting but changed nothing measurable here (one worker thread).
 
 libvirt is only the peer of this benchmark, never a dependency of the product or CI:
-when missing, Debian's libvirt-daemon-system and python3-libvirt are installed here and
-`virtlogd -d` / `libvirtd -d` are started (and stopped again) by this script. The
-libvirt side runs under Debian's /usr/bin/python3, where python3-libvirt lives.
+when missing, Debian's libvirt-daemon-system and python3-libvirt are installed and
+`virtlogd -d` / `libvirtd -d` are started (and stopped again) by bench/support/libvirt.py.
+The libvirt side runs under Debian's /usr/bin/python3, where python3-libvirt lives.
 
 Usage: python bench/lifecycle.py [--rounds N]   (as root; QEMU under TCG or KVM)
 """
@@ -49,35 +49,23 @@ Usage: python bench/lifecycle.py [--rounds N]   (as root; QEMU under TCG or KVM)
 from __future__ import annotations
 
 import argparse
-import contextlib
-import grp
-import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-import tinyguest  # noqa: E402
+from support import say
+from support.agent import Agent, library_for
+from support.guest import build_guest, tinyguest
+from support.libvirt import libvirt_session, pids_named, run_peer
 
 PHASES = ("create", "start", "stop", "delete")
 MEMORY_MIB = 256
-KVM_DEV = Path("/dev/kvm")
 Runs = list[dict[str, float]]
-
-
-def say(msg: str) -> None:
-    print(f"[lifecycle] {msg}", flush=True)
 
 
 def memory_kib(pids: list[int]) -> dict[str, int]:
@@ -98,11 +86,6 @@ def memory_kib(pids: list[int]) -> dict[str, int]:
     return out
 
 
-def pids_named(name: str) -> list[int]:
-    out = subprocess.run(["pidof", name], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def wait_for(path: Path, text: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -118,40 +101,13 @@ def wait_for(path: Path, text: str, timeout: float = 120) -> None:
 # hvagent side
 
 
-def bench_hvagent(guest: tinyguest.TinyGuest, work: Path,
-                  rounds: int) -> tuple[Runs, dict[str, int]]:
+def bench_hvagent(guest: Any, work: Path, rounds: int) -> tuple[Runs, dict[str, int]]:
     root = work / "hvagent"
     root.mkdir()
-    cfg = root / "hvagent.yaml"
-    sock = root / "hv.sock"
-    # The agent boots a kernel and initrd only from its storage or a library.
-    policy = root / "policy.yaml"
-    policy.write_text(json.dumps({"library": tinyguest.library(guest.initrd.parent)}))
-    cfg.write_text(json.dumps({
-        "listen": str(sock), "state_dir": str(root / "state"),
-        "storage_dir": str(root / "images"), "run_dir": str(root / "run"),
-        "log_dir": str(root / "log"), "accel": "auto", "policy": str(policy)}))
-    log = (root / "agent.log").open("wb")
-    agent = subprocess.Popen([sys.executable, "-m", "hvagent.cli.hvagent", "serve",
-                              "--config", str(cfg)], stdout=log, stderr=log)
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
-                          base_url="http://hvagent/api/v1", timeout=120)
+    agent = Agent(root, library_for(guest))
+    agent.start()
+    call = agent.ok
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/agent").status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or agent.poll() is not None:
-                    raise RuntimeError("hvagent did not start") from None
-                time.sleep(0.1)
-
-        def call(method: str, path: str, **kw: Any) -> Any:
-            r = client.request(method, path, **kw)
-            r.raise_for_status()
-            return r.json()
-
         results = []
         for i in range(rounds):
             name = f"bench{i}"
@@ -178,9 +134,7 @@ def bench_hvagent(guest: tinyguest.TinyGuest, work: Path,
         time.sleep(2)  # idle
         return results, memory_kib([agent.pid])
     finally:
-        client.close()
-        agent.terminate()
-        agent.wait(timeout=30)
+        agent.stop()
 
 
 # libvirt side (runs under Debian's python3 with python3-libvirt)
@@ -268,96 +222,14 @@ print(json.dumps({"warmup": warmup, "reprobed": reprobed, "rounds": results}))
 '''
 
 
-def ensure_libvirt() -> None:
-    have = (shutil.which("libvirtd") and subprocess.run(
-        ["/usr/bin/python3", "-c", "import libvirt"], capture_output=True).returncode == 0)
-    if have:
-        return
-    say("installing libvirt-daemon-system python3-libvirt (benchmark peer only)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                    "libvirt-daemon-system", "python3-libvirt"], check=True, env=env)
-
-
-@contextlib.contextmanager
-def stock_kvm_group() -> Iterator[None]:
-    """/dev/kvm in group kvm (as udev makes it on Debian) for the duration, so that
-    libvirt's capabilities cache stays valid (see the module docstring); the previous
-    group is put back afterwards."""
-    try:
-        kvm_gid = grp.getgrnam("kvm").gr_gid
-        old_gid = KVM_DEV.stat().st_gid
-    except (KeyError, FileNotFoundError):
-        old_gid = kvm_gid = -1  # no kvm group or no /dev/kvm: nothing to keep valid
-    if old_gid == kvm_gid:
-        yield
-        return
-    say(f"/dev/kvm: group {old_gid} -> kvm while libvirt runs (restored afterwards)")
-    os.chown(KVM_DEV, -1, kvm_gid)
-    try:
-        yield
-    finally:
-        os.chown(KVM_DEV, -1, old_gid)
-
-
-def start_libvirt() -> list[int]:
-    """Start virtlogd and libvirtd unless they run; returns the pids this script started."""
-    started = []
-    for daemon in ("virtlogd", "libvirtd"):
-        if pids_named(daemon):
-            continue
-        before = set(pids_named(daemon))
-        subprocess.run([daemon, "-d"], check=True)
-        deadline = time.monotonic() + 30
-        while not (set(pids_named(daemon)) - before) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        started += list(set(pids_named(daemon)) - before)
-    # libvirtd answers once its socket is up
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if subprocess.run(["/usr/bin/python3", "-c",
-                           "import libvirt; libvirt.open('qemu:///system').close()"],
-                          capture_output=True).returncode == 0:
-            break
-        time.sleep(0.3)
-    return started
-
-
-@contextlib.contextmanager
-def libvirt_session() -> Iterator[None]:
-    """libvirt installed and running as a Debian host would have it, for the duration;
-    the daemons this script started are stopped afterwards."""
-    ensure_libvirt()
-    with stock_kvm_group():
-        started = start_libvirt()
-        try:
-            yield
-        finally:
-            for pid in started:
-                os.kill(pid, signal.SIGTERM)
-
-
-def build_guest(work: Path) -> tinyguest.TinyGuest:
-    """The tiny guest, readable by QEMU running as libvirt-qemu too."""
-    guest = tinyguest.build(work / "guest")
-    (work / "guest").chmod(0o755)
-    (work / "guest" / "tiny-initrd.gz").chmod(0o644)
-    return guest
-
-
-def bench_libvirt(guest: tinyguest.TinyGuest, work: Path,
-                  rounds: int) -> tuple[Runs, dict[str, int]]:
+def bench_libvirt(guest: Any, work: Path, rounds: int) -> tuple[Runs, dict[str, int]]:
     logdir = work / "libvirt"
     logdir.mkdir(mode=0o777)
     logdir.chmod(0o777)  # QEMU may run as libvirt-qemu
     cfg = {"rounds": rounds, "tag": str(os.getpid()), "logdir": str(logdir),
            "memory": MEMORY_MIB, "kernel": str(guest.kernel), "initrd": str(guest.initrd),
            "append": guest.append(), "marker": tinyguest.BOOT_MARKER}
-    r = subprocess.run(["/usr/bin/python3", "-c", LIBVIRT_SCRIPT, json.dumps(cfg)],
-                       stdout=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise RuntimeError("libvirt side failed (see above)")
-    out = json.loads(r.stdout)
+    out = run_peer(LIBVIRT_SCRIPT, cfg)
     results = out["rounds"]
     say(f"libvirt warm-up (not counted): {out['warmup']:.3f}s")
     for i, t in enumerate(results):

@@ -1,9 +1,10 @@
 """The VM service: the lifecycle of child VMs (create, start, stop, pause, resume,
 reset, delete, console), their observed state, restart safety and crash detection.
 
-The API and hvctl call only this. Later areas (hot-add, checkpoints, offline disks)
-extend it with their own service modules that reuse `VMService.locks` (one operation at
-a time per VM), `VMService.monitor(name)` (the VM's QMP connection) and `VMService.jobs`.
+The API and hvctl call only this. The other services of a VM (devices, checkpoints,
+disks) reuse `VMService.locks` (one operation at a time per VM), `VMService.machine(name)`
+(the running VM's hvagent.drivers.machine.Machine, every QMP command as a method),
+`VMService.launch_paused` / `end_qemu`, and `VMService.jobs`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import builtins
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +22,33 @@ from pydantic import BaseModel
 
 from hvagent.access.policy import Admission
 from hvagent.config import AgentConfig
-from hvagent.disk import image
-from hvagent.disk.errors import DiskError
 from hvagent.drivers import machine
-from hvagent.drivers import net as bridge
-from hvagent.drivers.machine import VMFiles
-from hvagent.drivers.qmp import LAUNCH_QMP_TIMEOUT, QMP_TIMEOUT, Monitor, MonitorGone
+from hvagent.drivers.machine import (
+    LAUNCH_QMP_TIMEOUT,
+    QMP_TIMEOUT,
+    Machine,
+    Machines,
+    MonitorGone,
+    VMFiles,
+)
 from hvagent.errors import Busy, Conflict, HVError, InvalidRequest, NotFound, OperationFailed
 from hvagent.host.kvm import AccelChoice, choose_accel
-from hvagent.services import devices
-from hvagent.services.files import resolve as resolve_file
+from hvagent.services.disks import DiskService
 from hvagent.services.jobs import Jobs
 from hvagent.services.limits import check_host_limits
-from hvagent.spec import DiskFormat, DiskSpec, VMSpec, VMState
+from hvagent.services.networks import NetworkService
+from hvagent.spec import ACTIVE_STATES as ACTIVE
+from hvagent.spec import ANSWERING_STATES as ANSWERING
+from hvagent.spec import DiskSpec, VMSpec, VMState
 from hvagent.store import Store, VMRow
 
 log = logging.getLogger(__name__)
 
-# QEMU runs (so: no start, no delete, no offline disk edit); of these, only the
-# ANSWERING ones take QMP commands. An unresponsive VM can still be stopped (killed).
-ANSWERING = (VMState.RUNNING, VMState.PAUSED)
-ACTIVE = (*ANSWERING, VMState.UNRESPONSIVE)
 # How often the monitor of an unresponsive VM is tried again in the background.
 PROBE_INTERVAL = 1.0
 DEFAULT_STOP_TIMEOUT = 60.0
 QUIT_TIMEOUT = 5.0
 CRASH_LOG_LINES = 20
-_EXT = {DiskFormat.QCOW2: "qcow2", DiskFormat.RAW: "raw", DiskFormat.VPC: "vhd",
-        DiskFormat.VHDX: "vhdx"}
 
 
 class OperationLocks:
@@ -95,13 +95,16 @@ class VMService:
         self.store = store
         self.jobs = jobs
         self.locks = OperationLocks()
-        self._monitors: dict[str, Monitor] = {}
+        self.machines = Machines(on_event=self._on_event, on_lost=self._on_lost)
         self._accel: AccelChoice | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._probing: set[str] = set()  # unresponsive VMs a background probe retries
         self.storage_dir = config.storage_dir.resolve()
         # Host policy (quotas, disk formats, VLANs, nested virt); the app sets the real one.
         self.admission = Admission()
+        # The VM's disk images and the host side of its NICs.
+        self.disks = DiskService(self)
+        self.networks = NetworkService()
         # Extensions (hvagent.services.devices, hvagent.services.checkpoints): QMP events with their
         # data (vm, event, data), and recovery work run once the VMs are reattached.
         self.event_listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
@@ -125,8 +128,7 @@ class VMService:
         """Drop QMP connections; the VMs keep running. Bounded: each close is."""
         for t in list(self._background):
             t.cancel()
-        await asyncio.gather(*(self._drop_monitor(n) for n in list(self._monitors)),
-                             return_exceptions=True)
+        await self.machines.detach_all()
 
     @property
     def accel(self) -> AccelChoice:
@@ -142,9 +144,13 @@ class VMService:
 
     # queries
 
-    async def list(self) -> list[VMInfo]:
+    async def list_vms(self) -> list[VMInfo]:
         rows = await asyncio.gather(*(self._observe(r) for r in self.store.list_vms()))
         return [self._info(r) for r in rows]
+
+    def count(self) -> int:
+        """How many VMs are defined (no state observed)."""
+        return len(self.store.list_vms())
 
     async def get(self, name: str) -> VMInfo:
         return self._info(await self._observe(self._row(name)))
@@ -153,13 +159,18 @@ class VMService:
         self._row(name)
         return machine.tail(self.files(name).serial_log, lines)
 
-    async def monitor(self, name: str) -> Monitor:
-        """The QMP connection of a running VM (for device/checkpoint services)."""
+    async def machine(self, name: str) -> Machine:
+        """The Machine of a VM whose QEMU runs and answers (Conflict otherwise)."""
         row = await self._observe(self._row(name))
-        mon = self._monitors.get(name)
-        if row.state not in ANSWERING or mon is None:
+        m = self.machines.get(name)
+        if row.state not in ANSWERING or m is None:
             raise Conflict(f"{name}: not running (state {row.state})")
-        return mon
+        return m
+
+    def attached(self, name: str) -> Machine | None:
+        """The Machine the agent is attached to for `name`, without observing the VM
+        (for work that already holds the VM's lock)."""
+        return self.machines.get(name)
 
     # operations
 
@@ -169,8 +180,7 @@ class VMService:
                 raise Conflict(f"{spec.name}: a VM with this name already exists")
             self.admission.admit(spec)  # before anything is made
             check_host_limits(spec, self.files(spec.name).qmp)
-            # `list` alone would name the method below (mypy resolves it in class scope).
-            created: builtins.list[Path] = []
+            created: list[Path] = []
             files = self.files(spec.name)
             try:
                 spec = await self._resolve(spec, created)
@@ -193,13 +203,13 @@ class VMService:
             spec = VMSpec.model_validate_json(row.spec)
             # Again at start: the VM may predate the limits, or the host may have shrunk.
             check_host_limits(spec, self.files(name).qmp)
-            settled = devices.settle_pending(spec)  # unplugs the guest never completed
+            settled = machine.settle_pending(spec)  # unplugs the guest never completed
             if settled != spec:
                 self.store.update_vm(name, spec=settled.model_dump_json())
                 spec = settled
             pid = await self.launch_paused(name, spec)
             try:
-                await self._mon(name).execute("cont")
+                await self.machines.require(name).cont()
             except BaseException:
                 machine.kill(pid)
                 raise
@@ -211,8 +221,8 @@ class VMService:
         plug the hot-added devices again; returns QEMU's pid. The caller holds the VM's
         lock and records the new state (start: `cont`; checkpoint revert: load first)."""
         files = self.files(name)
-        cmd = machine.build_command(spec, files,
-                                    self.admission.qemu_args(self.accel.qemu_args))
+        cmd = machine.build_command(spec, files, self.accel.qemu_args,
+                                    nested=self.admission.policy.nested_virtualization)
         cmd += ["-S", *extra]
         log.info("%s: starting: %s", name, " ".join(cmd))
         try:
@@ -222,8 +232,8 @@ class VMService:
             await self.unplug_nics(name, spec)
             raise
         try:
-            await self._attach(name, files, LAUNCH_QMP_TIMEOUT)
-            await devices.replay(self._mon(name), spec)
+            m = await self.machines.attach(name, files, LAUNCH_QMP_TIMEOUT)
+            await m.replay(spec)
         except BaseException:
             machine.kill(pid)
             await self.unplug_nics(name, spec)
@@ -232,9 +242,7 @@ class VMService:
 
     async def plug_nics(self, spec: VMSpec) -> None:
         """The taps of the VM's VLAN NICs, each on its VLAN's bridge."""
-        for n in spec.nics:
-            if n.vlan is not None:
-                await bridge.plug(bridge.tap_name(n.mac), n.vlan)
+        await self.networks.plug_vm(spec)
 
     async def unplug_nics(self, name: str, spec: VMSpec | None = None) -> None:
         """Remove the VM's taps (and bridges left without ports) once QEMU has ended."""
@@ -243,12 +251,7 @@ class VMService:
             if row is None:
                 return
             spec = VMSpec.model_validate_json(row.spec)
-        for n in spec.nics:
-            if n.vlan is not None:
-                try:
-                    await bridge.unplug(bridge.tap_name(n.mac))
-                except HVError as e:  # cleanup: report, never mask the state change
-                    log.warning("%s: %s", name, e.message)
+        await self.networks.unplug_vm(name, spec)  # logs, never raises
 
     async def end_qemu(self, name: str) -> None:
         """End the VM's QEMU at once (no guest shutdown); the caller holds the lock and
@@ -265,11 +268,11 @@ class VMService:
                 raise Conflict(f"{name}: not running (state {row.state})")
             unresponsive = row.state == VMState.UNRESPONSIVE
             if unresponsive:
-                await self._drop_monitor(name)  # its commands would only time out: kill
-            mon = self._monitors.get(name)
+                await self.machines.detach(name)  # its commands would only time out: kill
+            m = self.machines.get(name)
             graceful = False
-            if not force and mon is not None:
-                graceful = await self._powerdown(name, row, mon, timeout)
+            if not force and m is not None:
+                graceful = await self._powerdown(name, row, m, timeout)
             await self._quit(name, row.pid)
             note = None if graceful or force else f"forced off after {timeout:g}s"
             if unresponsive and not force:
@@ -278,20 +281,22 @@ class VMService:
         return await self.get(name)
 
     async def pause(self, name: str) -> VMInfo:
-        return await self._simple(name, "pause", "stop", VMState.RUNNING, VMState.PAUSED)
+        return await self._simple(name, "pause", Machine.pause, VMState.RUNNING,
+                                  VMState.PAUSED)
 
     async def resume(self, name: str) -> VMInfo:
-        return await self._simple(name, "resume", "cont", VMState.PAUSED, VMState.RUNNING)
+        return await self._simple(name, "resume", Machine.cont, VMState.PAUSED,
+                                  VMState.RUNNING)
 
     async def reset(self, name: str) -> VMInfo:
         with self.locks.hold(name, "reset"):
             row = await self._observe(self._row(name), locked=True)
             if row.state not in ANSWERING:
                 raise Conflict(f"{name}: not running (state {row.state})")
-            await self._mon(name).execute("system_reset")
+            await self.machines.require(name).reset()
         return await self.get(name)
 
-    async def delete(self, name: str, keep_disks: bool = False) -> builtins.list[str]:
+    async def delete(self, name: str, keep_disks: bool = False) -> list[str]:
         """Remove the VM; its agent-created disks too unless `keep_disks`. Disks that
         existed before the VM are never removed. Returns the removed disk paths."""
         with self.locks.hold(name, "delete"):
@@ -299,7 +304,7 @@ class VMService:
             if row.state in ACTIVE:
                 raise Conflict(f"{name}: is {row.state}; stop it first")
             spec = VMSpec.model_validate_json(row.spec)
-            removed: builtins.list[str] = []
+            removed: list[str] = []
             for hook in self.delete_hooks:  # while the VM's other rows still exist
                 removed += await hook(name, keep_disks)
             await self.unplug_nics(name, spec)  # taps a crashed QEMU may have left
@@ -328,91 +333,36 @@ class VMService:
             created_at=row.created_at, updated_at=row.updated_at,
         )
 
-    def _mon(self, name: str) -> Monitor:
-        mon = self._monitors.get(name)
-        if mon is None:
-            raise OperationFailed(f"{name}: no QMP connection")
-        return mon
-
-    async def _simple(self, name: str, op: str, cmd: str, need: VMState,
+    async def _simple(self, name: str, op: str,
+                      action: Callable[[Machine], Coroutine[Any, Any, None]], need: VMState,
                       result: VMState) -> VMInfo:
         with self.locks.hold(name, op):
             row = await self._observe(self._row(name), locked=True)
             if row.state != need:
                 raise Conflict(f"{name}: cannot {op}: state is {row.state}, not {need}")
-            await self._mon(name).execute(cmd)
+            await action(self.machines.require(name))
             self.store.update_vm(name, state=result)
         return await self.get(name)
 
     async def _resolve(self, spec: VMSpec, created: builtins.list[Path]) -> VMSpec:
-        """Check every file the spec names (hvagent.services.files: confined, and the caller's
-        to use; recorded resolved) and create its new disks (recorded in `created` as they
-        appear, so the caller can remove them on failure)."""
+        """Check every file the spec names (hvagent.services.disks: confined, and the
+        caller's to use; recorded resolved) and create its new disks (recorded in `created`
+        as they appear, so the caller can remove them on failure)."""
         boot: dict[str, str] = {}
         for field in ("kernel", "initrd"):
             value = getattr(spec, field)
             if value is not None:
-                boot[field] = str(resolve_file(self, value, field, "boot", spec.name))
+                boot[field] = str(self.disks.allowed_file(value, field, "boot", spec.name))
         disks: list[DiskSpec] = []
-        seen: set[Path] = set()
+        seen: set[str | None] = set()
         for i, d in enumerate(spec.disks):
             where = f"disks[{i}]"
-            if d.path is not None:
-                path = resolve_file(self, d.path, f"{where}.path", "disk", spec.name)
-                found = await self.disk_format(path, f"{where}.path")
-                if d.format is not None and found != d.format:
-                    raise InvalidRequest(
-                        f"{where}.format: {d.path} is {found}, not {d.format}")
-                disks.append(DiskSpec(path=str(path), format=found, bus=d.bus))
-            else:
-                assert d.size is not None
-                fmt = d.format or DiskFormat.QCOW2
-                path = self.storage_dir / f"{spec.name}-disk{i}.{_EXT[fmt]}"
-                if path.exists():
-                    raise Conflict(f"{where}: {path} already exists")
-                self.storage_dir.mkdir(parents=True, exist_ok=True)
-                created.append(path)
-                await self.create_disk(path, fmt, d.size, where)
-                disks.append(DiskSpec(path=str(path), format=fmt, size=d.size, created=True,
-                                      bus=d.bus))
-            if path in seen:
-                raise InvalidRequest(f"{where}.path: {path} is attached twice")
-            seen.add(path)
+            disk = await self.disks.resolve(spec.name, d, where, created, number=i)
+            if disk.path in seen:
+                raise InvalidRequest(f"{where}.path: {disk.path} is attached twice")
+            seen.add(disk.path)
+            disks.append(disk)
         return spec.model_copy(update={"disks": disks, **boot})
-
-    async def disk_format(self, path: Path, where: str) -> DiskFormat:
-        """The format of an existing image (from its own magic, so a fixed VHD is not
-        taken for raw), checked readable by qemu-img; shared, as a running VM may hold it."""
-        try:
-            info = await asyncio.to_thread(image.image_info, path, force_share=True)
-        except DiskError as e:
-            raise InvalidRequest(f"{where}: {path}: not a readable disk image: {e}") from e
-        return DiskFormat(info.format.qemu)
-
-    async def create_disk(self, path: Path, fmt: DiskFormat, size: int, where: str) -> None:
-        """A new empty image of exactly `size` bytes (VHD too), written to a temporary
-        file and renamed into place."""
-        if size % 512:
-            raise InvalidRequest(f"{where}.size: {size} bytes is not a multiple of 512")
-        try:
-            await asyncio.to_thread(image.create, path, image.ImageFormat.from_qemu(fmt), size)
-        except DiskError as e:
-            if "No space left on device" in str(e):  # a host limit, not a host failure
-                raise InvalidRequest(f"{where}: no space left on device for {path} "
-                                     f"({size} bytes): {e}") from e
-            raise OperationFailed(f"{where}: cannot create {path}: {e}") from e
-
-    async def _attach(self, name: str, files: VMFiles, timeout: float = QMP_TIMEOUT) -> None:
-        await self._drop_monitor(name)
-        mon = Monitor(name, on_event=lambda ev, data: self._on_event(name, ev, data),
-                      on_lost=lambda: self._on_lost(name))
-        await mon.connect(files.qmp, timeout)
-        self._monitors[name] = mon
-
-    async def _drop_monitor(self, name: str) -> None:
-        mon = self._monitors.pop(name, None)
-        if mon is not None:
-            await mon.close()
 
     def _on_event(self, name: str, event: str, data: dict[str, Any] | None = None) -> None:
         if event in ("SHUTDOWN", "STOP", "RESUME"):
@@ -461,23 +411,23 @@ class VMService:
             self.store.update_vm(name, state=VMState.RUNNING, pid=pid)
             row = self._row(name)
         if not machine.is_alive(row.pid, files):
-            await self._drop_monitor(name)
+            await self.machines.detach(name)
             log.warning("%s: QEMU (pid %s) is gone", name, row.pid)
             await self.unplug_nics(name)
             self.store.update_vm(name, state=VMState.CRASHED, pid=None, last_error=(
                 "QEMU exited unexpectedly; serial log tail:\n"
                 + machine.tail(files.serial_log, CRASH_LOG_LINES)))
             return self._row(name)
-        mon = self._monitors.get(name)
+        m = self.machines.get(name)
         try:
-            if mon is None or not mon.connected:
-                await self._attach(name, files)
-            status = await self._mon(name).status()
+            if m is None or not m.connected:
+                m = await self.machines.attach(name, files, QMP_TIMEOUT)
+            status = await m.status()
         except (MonitorGone, OperationFailed) as e:
             if not machine.is_alive(row.pid, files):
                 # read again: a concurrent observer may have recorded why it ended
                 return await self._observe(self._row(name), locked)
-            await self._drop_monitor(name)
+            await self.machines.detach(name)
             if state != VMState.UNRESPONSIVE:
                 log.warning("%s: unresponsive: %s", name, e)
             self.store.update_vm(name, state=VMState.UNRESPONSIVE,
@@ -530,16 +480,16 @@ class VMService:
         finally:
             self._probing.discard(name)
 
-    async def _powerdown(self, name: str, row: VMRow, mon: Monitor, timeout: float) -> bool:
+    async def _powerdown(self, name: str, row: VMRow, m: Machine, timeout: float) -> bool:
         """ACPI power button; True when the guest powered off within `timeout`."""
         files = self.files(name)
         try:
-            if await mon.status() != "running":
-                await mon.execute("cont")  # a paused guest cannot react to ACPI
-            await mon.execute("system_powerdown")
+            if await m.status() != "running":
+                await m.cont()  # a paused guest cannot react to ACPI
+            await m.power_button()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if not machine.is_alive(row.pid, files) or await mon.status() == "shutdown":
+                if not machine.is_alive(row.pid, files) or await m.status() == "shutdown":
                     return True
                 await asyncio.sleep(0.1)
         except MonitorGone:
@@ -549,13 +499,13 @@ class VMService:
     async def _quit(self, name: str, pid: int | None) -> None:
         """End QEMU: `quit` over QMP, SIGKILL if it is still there after QUIT_TIMEOUT."""
         files = self.files(name)
-        mon = self._monitors.get(name)
+        m = self.machines.get(name)
         asked = False
-        if mon is not None:
+        if m is not None:
             with contextlib.suppress(MonitorGone, OperationFailed):
-                await mon.execute("quit")
+                await m.quit()
                 asked = True
-        await self._drop_monitor(name)
+        await self.machines.detach(name)
         # Only a QEMU that took `quit` gets time to exit; else SIGKILL at once.
         deadline = time.monotonic() + (QUIT_TIMEOUT if asked else 0)
         while machine.is_alive(pid, files) and time.monotonic() < deadline:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from hvagent.spec import VMSpec
 
 if TYPE_CHECKING:
     from hvagent.store import Store
+
+
+# internal: snapshots inside qcow2 images; external: frozen images under new overlays.
+CheckpointMethod = Literal["internal", "external"]
 
 
 class CheckpointStatus(StrEnum):
@@ -35,7 +39,7 @@ class CheckpointRow:
     description: str
     created_at: float
     with_memory: bool
-    method: str  # internal, external
+    method: CheckpointMethod
     spec: VMSpec
     files: dict[str, Any]  # what an external checkpoint made: overlays, memory, resume
     status: CheckpointStatus
@@ -53,7 +57,7 @@ class CheckpointTable:
              row.with_memory, row.method, row.spec.model_dump_json(), json.dumps(row.files),
              row.status))
 
-    def list(self, vm: str) -> list[CheckpointRow]:
+    def for_vm(self, vm: str) -> list[CheckpointRow]:
         """The VM's checkpoints, oldest first."""
         rows = self._store.query(
             "SELECT * FROM checkpoints WHERE vm = ? ORDER BY created_at", (vm,))
@@ -110,6 +114,6 @@ def _row(r: Any) -> CheckpointRow:
     return CheckpointRow(
         id=d["id"], vm=d["vm"], name=d["name"], parent=d["parent"],
         description=d["description"], created_at=d["created_at"],
-        with_memory=bool(d["with_memory"]), method=d["method"],
+        with_memory=bool(d["with_memory"]), method=cast(CheckpointMethod, d["method"]),
         spec=VMSpec.model_validate_json(d["spec"]), files=json.loads(d["files"] or "{}"),
         status=CheckpointStatus(d["status"]))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from hvagent.drivers.machine import VMFiles, build_command
+from hvagent.drivers.cmdline import VMFiles, build_command
 from hvagent.spec import NAME_RE, DiskSpec, VMSpec, parse_size
 
 FILES = VMFiles.for_vm("v", Path("/run/x"), Path("/log/x"), Path("/state/x"))

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from hvagent.access.policy import AclEntry, load_policy
 from hvagent.access.tokens import TokenInfo, Tokens, parse_duration
-from hvagent.config import load_config
+from hvagent.config import AgentConfig, load_config
 from hvagent.errors import InvalidRequest
 from hvagent.store import Store
 
@@ -33,9 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     c.add_argument("--expires", default=None,
                    help="lifetime, e.g. 90d, 12h, never (default: token_ttl of the config)")
     c.add_argument("--comment", default="")
-    ts.add_parser("list", help="list tokens (never their secrets)")
+    c.set_defaults(func=_create)
+    ts.add_parser("list", help="list tokens (never their secrets)").set_defaults(func=_list)
     r = ts.add_parser("revoke", help="revoke a token; effective on the next request")
     r.add_argument("id")
+    r.set_defaults(func=_revoke)
 
 
 def _when(t: float | None) -> str:
@@ -80,50 +82,56 @@ def run(args: argparse.Namespace) -> int:
                              f"{e.strerror or e}") from e
     store = Store(config.database)
     try:
-        tokens = Tokens(store)
-        if args.token_command == "create":
-            if args.expires is not None:
-                ttl = parse_duration(args.expires, "--expires")
-            else:
-                ttl = parse_duration(config.token_ttl, "token_ttl")
-            grant = None
-            if args.role:
-                policy = load_policy(config.policy)
-                grant = _grant(args)
-                if policy.role(grant.role) is None:
-                    raise InvalidRequest(f"--role: unknown role {args.role!r}")
-            info, secret = tokens.create(args.principal, ttl, args.comment)
-            if grant is not None:
-                tokens.grant(grant, policy)
-            if args.json:
-                print(json.dumps({**_as_dict(info), "token": secret}, indent=2))
-            else:
-                print(secret)
-                print(f"token {info.id} for {info.principal}, expires {_when(info.expires_at)}"
-                      + (f"; granted {args.role} on {args.path}" if grant else "")
-                      + " (the token is shown only now)", file=sys.stderr)
-        elif args.token_command == "list":
-            infos = tokens.list_tokens()
-            if args.json:
-                print(json.dumps([_as_dict(t) for t in infos], indent=2))
-            else:
-                # rich only here: `hvagent serve` imports this module and never prints tables
-                from rich.console import Console
-                from rich.table import Table
-
-                table = Table(box=None)
-                for col in ("ID", "PRINCIPAL", "STATUS", "CREATED", "EXPIRES", "COMMENT"):
-                    table.add_column(col)
-                for t in infos:
-                    table.add_row(t.id, t.principal, str(t.status()), _when(t.created_at),
-                                  _when(t.expires_at), t.comment)
-                Console().print(table)
-        elif args.token_command == "revoke":
-            info = tokens.revoke(args.id)
-            if args.json:
-                print(json.dumps(_as_dict(info), indent=2))
-            else:
-                print(f"token {info.id} ({info.principal}): revoked")
+        args.func(args, config, Tokens(store))
     finally:
         store.close()
     return 0
+
+
+def _create(args: argparse.Namespace, config: AgentConfig, tokens: Tokens) -> None:
+    if args.expires is not None:
+        ttl = parse_duration(args.expires, "--expires")
+    else:
+        ttl = parse_duration(config.token_ttl, "token_ttl")
+    grant = None
+    if args.role:
+        policy = load_policy(config.policy)
+        grant = _grant(args)
+        if policy.role(grant.role) is None:
+            raise InvalidRequest(f"--role: unknown role {args.role!r}")
+    info, secret = tokens.create(args.principal, ttl, args.comment)
+    if grant is not None:
+        tokens.grant(grant, policy)
+    if args.json:
+        print(json.dumps({**_as_dict(info), "token": secret}, indent=2))
+    else:
+        print(secret)
+        print(f"token {info.id} for {info.principal}, expires {_when(info.expires_at)}"
+              + (f"; granted {args.role} on {args.path}" if grant else "")
+              + " (the token is shown only now)", file=sys.stderr)
+
+
+def _list(args: argparse.Namespace, config: AgentConfig, tokens: Tokens) -> None:
+    infos = tokens.list_tokens()
+    if args.json:
+        print(json.dumps([_as_dict(t) for t in infos], indent=2))
+        return
+    # rich only here: `hvagent serve` imports this module and never prints tables
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None)
+    for col in ("ID", "PRINCIPAL", "STATUS", "CREATED", "EXPIRES", "COMMENT"):
+        table.add_column(col)
+    for t in infos:
+        table.add_row(t.id, t.principal, str(t.status()), _when(t.created_at),
+                      _when(t.expires_at), t.comment)
+    Console().print(table)
+
+
+def _revoke(args: argparse.Namespace, config: AgentConfig, tokens: Tokens) -> None:
+    info = tokens.revoke(args.id)
+    if args.json:
+        print(json.dumps(_as_dict(info), indent=2))
+    else:
+        print(f"token {info.id} ({info.principal}): revoked")

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from enum import StrEnum, auto
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,19 @@ PROBE_INTERVAL = 1.0
 DEFAULT_STOP_TIMEOUT = 60.0
 QUIT_TIMEOUT = 5.0
 CRASH_LOG_LINES = 20
+
+
+class Operation(StrEnum):
+    """The lifecycle operations, by the name a VM shows while one holds its lock."""
+
+    CREATE = auto()
+    START = auto()
+    STOP = auto()
+    FORCE_OFF = "force-off"
+    PAUSE = auto()
+    RESUME = auto()
+    RESET = auto()
+    DELETE = auto()
 
 
 class OperationLocks:
@@ -175,7 +189,7 @@ class VMService:
     # operations
 
     async def create(self, spec: VMSpec) -> VMInfo:
-        with self.locks.hold(spec.name, "create"):
+        with self.locks.hold(spec.name, Operation.CREATE):
             if self.store.get_vm(spec.name) is not None:
                 raise Conflict(f"{spec.name}: a VM with this name already exists")
             self.admission.admit(spec)  # before anything is made
@@ -196,7 +210,7 @@ class VMService:
         return await self.get(spec.name)
 
     async def start(self, name: str) -> VMInfo:
-        with self.locks.hold(name, "start"):
+        with self.locks.hold(name, Operation.START):
             row = await self._observe(self._row(name), locked=True)
             if row.state in ACTIVE:
                 raise Conflict(f"{name}: already {row.state}")
@@ -262,7 +276,7 @@ class VMService:
                    timeout: float = DEFAULT_STOP_TIMEOUT) -> VMInfo:
         """ACPI power-off; force-off when the guest has not powered off after `timeout`
         seconds (or at once with `force`)."""
-        with self.locks.hold(name, "force-off" if force else "stop"):
+        with self.locks.hold(name, Operation.FORCE_OFF if force else Operation.STOP):
             row = await self._observe(self._row(name), locked=True)
             if row.state not in ACTIVE:
                 raise Conflict(f"{name}: not running (state {row.state})")
@@ -281,15 +295,15 @@ class VMService:
         return await self.get(name)
 
     async def pause(self, name: str) -> VMInfo:
-        return await self._simple(name, "pause", Machine.pause, VMState.RUNNING,
+        return await self._simple(name, Operation.PAUSE, Machine.pause, VMState.RUNNING,
                                   VMState.PAUSED)
 
     async def resume(self, name: str) -> VMInfo:
-        return await self._simple(name, "resume", Machine.cont, VMState.PAUSED,
+        return await self._simple(name, Operation.RESUME, Machine.cont, VMState.PAUSED,
                                   VMState.RUNNING)
 
     async def reset(self, name: str) -> VMInfo:
-        with self.locks.hold(name, "reset"):
+        with self.locks.hold(name, Operation.RESET):
             row = await self._observe(self._row(name), locked=True)
             if row.state not in ANSWERING:
                 raise Conflict(f"{name}: not running (state {row.state})")
@@ -299,7 +313,7 @@ class VMService:
     async def delete(self, name: str, keep_disks: bool = False) -> list[str]:
         """Remove the VM; its agent-created disks too unless `keep_disks`. Disks that
         existed before the VM are never removed. Returns the removed disk paths."""
-        with self.locks.hold(name, "delete"):
+        with self.locks.hold(name, Operation.DELETE):
             row = await self._observe(self._row(name), locked=True)
             if row.state in ACTIVE:
                 raise Conflict(f"{name}: is {row.state}; stop it first")
@@ -460,7 +474,7 @@ class VMService:
         with contextlib.ExitStack() as stack:
             if not locked:
                 stack.enter_context(contextlib.suppress(Busy))
-                stack.enter_context(self.locks.hold(name, "stop"))
+                stack.enter_context(self.locks.hold(name, Operation.STOP))
             await self._quit(name, pid)
             self.store.update_vm(name, state=state, pid=None, last_error=note)
 

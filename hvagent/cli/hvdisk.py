@@ -8,6 +8,7 @@ Exit status: 0 success; 1 `check` found problems or `compare` found a difference
 from __future__ import annotations
 
 import argparse
+import os
 import stat as st
 import sys
 from collections.abc import Callable, Sequence
@@ -310,6 +311,18 @@ def cmd_detect(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, with the terminal width found without shutil (whose
+    import, with its compressors, costs every hvdisk run ~5 ms)."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+        except (ValueError, OSError):
+            width = 80
+        super().__init__(prog, width=width - 2)
+
+
 class _Unused:
     """Stands for the parser of a command this run does not use (see build_parser)."""
 
@@ -322,7 +335,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     argparse spends ~1 ms per subcommand, which `hvdisk convert` pays on every run. An
     `only` that names no command gets the whole parser (its list of commands, its error)."""
     built: list[str] = []
-    p = argparse.ArgumentParser(prog="hvdisk", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="hvdisk", description=__doc__.split("\n\n")[0],
+                                formatter_class=_Formatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help: str,
@@ -330,7 +344,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and name != only:
             return _Unused()  # type: ignore[return-value]
         built.append(name)
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
         sp.set_defaults(fn=fn)
         if json_out:
             sp.add_argument("--json", action="store_true", help="machine-readable output")

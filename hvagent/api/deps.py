@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from hvagent.access.security import Security
 from hvagent.services.jobs import Jobs
 from hvagent.services.vms import VMService
 
@@ -14,3 +15,7 @@ def vms(request: Request) -> VMService:
 
 def jobs(request: Request) -> Jobs:
     return request.app.state.jobs  # type: ignore[no-any-return]
+
+
+def security(request: Request) -> Security:
+    return request.app.state.security  # type: ignore[no-any-return]

@@ -1,6 +1,6 @@
-"""The audit log: every mutating request and every denial, once, in SQLite and as a log
-line (journald keeps the agent's stderr). Entries are only ever appended; no API changes
-or removes them."""
+"""The audit log: every mutating request and every denial, once, in the store
+(hvagent.store.audit) and as a log line (journald keeps the agent's stderr). Entries are
+only ever appended; no API changes or removes them."""
 
 from __future__ import annotations
 

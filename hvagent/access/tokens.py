@@ -1,5 +1,5 @@
-"""The stored side of access control: API tokens, ACL grants made on the host, and the
-creator (owner) of each VM.
+"""API tokens, ACL grants made on the host, and the creator (owner) of each VM: what
+they mean (their rows are hvagent.store.access's).
 
 A token is `hvt_<id>_<secret>`: the id names it in lists and revocation, the whole string
 is shown once and stored only as its sha256 (enough for a 256-bit random secret; a slow

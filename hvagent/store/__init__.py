@@ -8,7 +8,8 @@ How the package is laid out (follow it when a table moves in or is added):
 - Every other area's tables live in one module of this package as a small table class
   that takes the Store and runs its statements through `store.query`, `store.execute` and
   `store.transaction`: store/jobs.py (`JobTable`), store/access.py (`TokenTable`,
-  `AclTable`, `OwnerTable`), store/audit.py (`AuditTable`). The Store hangs one instance
+  `AclTable`, `OwnerTable`), store/audit.py (`AuditTable`), store/checkpoints.py
+  (`CheckpointTable`). The Store hangs one instance
   of each off itself, named after the table (`store.jobs.get(job_id)`,
   `store.tokens.add(...)`): a new area is a new module and one line in `Store.__init__`.
 - Table classes take and return plain typed values and frozen row dataclasses defined

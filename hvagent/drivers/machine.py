@@ -272,7 +272,7 @@ class Machine:
         d = spec.disks[i]
         assert d.path is not None and d.format is not None and d.slot is not None
         node = disk_node(spec, i)
-        await self._monitor.execute("blockdev-add", blockdev(node, d.path, d.format))
+        await self._monitor.execute("blockdev-add", blockdev(node, d))
         try:
             await self._monitor.execute("device_add", {
                 "driver": "virtio-blk-pci", "drive": node, "id": node,

@@ -44,6 +44,17 @@ class Busy(Conflict):
         self.operation = operation
 
 
+class DiskError(InvalidRequest):
+    """A refused or failed disk image or guest file operation (hvagent.disk, the storage
+    driver); the message is one line for humans."""
+
+
+class ImageInUse(DiskError, Conflict):
+    """The image is held by a running VM or another process."""
+
+    kind = Conflict.kind
+
+
 class PolicyDenied(HVError):
     """A request the host policy or access control refuses; the message names the rule."""
 

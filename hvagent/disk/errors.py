@@ -1,18 +1,9 @@
-"""The exceptions for problems a user can cause with a disk image or a guest path.
-
-They are agent errors (hvagent.errors), so a disk problem reaching the API is answered
-like any other: a refused request 400, an image in use 409; hvdisk prints the message."""
+"""The disk exceptions, where hvdisk's modules look for them. They are stated in
+hvagent.errors (the storage driver raises them too): a refusal is InvalidRequest (400),
+an image another process holds is Conflict (409); hvdisk prints the message."""
 
 from __future__ import annotations
 
-from hvagent.errors import Conflict, InvalidRequest
+from hvagent.errors import DiskError, ImageInUse
 
-
-class DiskError(InvalidRequest):
-    """A refused or failed disk operation; the message is one line for humans."""
-
-
-class ImageInUse(DiskError, Conflict):
-    """The image is held by a running VM or another process."""
-
-    kind = Conflict.kind
+__all__ = ["DiskError", "ImageInUse"]

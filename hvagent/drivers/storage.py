@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from hvagent.disk.errors import DiskError, ImageInUse
+from hvagent.errors import DiskError, ImageInUse
 from hvagent.host import run
 from hvagent.host.formats import DiskFormat
 

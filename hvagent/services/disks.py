@@ -20,7 +20,7 @@ import asyncio
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 from hvagent.disk import fs as guestfs
 from hvagent.disk import image
@@ -30,22 +30,30 @@ from hvagent.errors import Conflict, InvalidRequest, NotFound, OperationFailed
 from hvagent.services import files
 from hvagent.spec import ACTIVE_STATES, DiskFormat, DiskSpec, Firmware, VMSpec
 
-if TYPE_CHECKING:
-    from hvagent.services.vms import VMInfo, VMService
-
 T = TypeVar("T")
 Use = files.Use
 
 
+class VMs(files.Host, Protocol):
+    """What the service uses of hvagent.services.vms.VMService (named, not imported: the
+    VM service calls this one)."""
+
+    locks: Any  # OperationLocks: hold(vm, operation) while the disk is used offline
+
+    async def get(self, name: str) -> Any: ...  # VMInfo
+
+    async def create(self, spec: VMSpec) -> Any: ...  # VMInfo
+
+
 class Imported(NamedTuple):
-    vm: VMInfo
+    vm: Any  # VMInfo of the new VM
     firmware: str
     disk_bus: Literal["virtio", "sata"]
     warnings: list[str]
 
 
 class DiskService:
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: VMs) -> None:
         self.vms = vms
 
     @property

@@ -23,13 +23,21 @@ or a write under a checkpoint's overlay, corrupt it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal, Protocol
 
 from hvagent.errors import Conflict, PolicyDenied
 from hvagent.spec import VMSpec
+from hvagent.store import Store
 
-if TYPE_CHECKING:
-    from hvagent.services.vms import VMService
+
+class Host(Protocol):
+    """What the check reads (the VM service has it): where disks live, the request's
+    admission (who asks, host policy), and the VMs and checkpoints on record."""
+
+    storage_dir: Path
+    admission: Any  # hvagent.access.policy.Admission (services do not import access)
+    store: Store
+
 
 Use = Literal["disk", "boot"]  # a disk image; a kernel or initrd
 BOOT_DIR = Path("/boot")
@@ -50,7 +58,7 @@ def normalize(storage_dir: Path, value: str) -> Path | None:
         return None
 
 
-def resolve(vms: VMService, value: str, field: str, use: Use, target: str) -> Path:
+def resolve(vms: Host, value: str, field: str, use: Use, target: str) -> Path:
     """The file `value` names, if the requesting principal may use it as `use` for the
     VM `target` (being created or changed); else PolicyDenied, the same for a file that
     does not exist. Conflict when it is in use by a VM (or a checkpoint)."""
@@ -91,7 +99,7 @@ def resolve(vms: VMService, value: str, field: str, use: Use, target: str) -> Pa
     raise denied
 
 
-def _claims(vms: VMService, path: Path) -> dict[str, Literal["disk", "checkpoint"]]:
+def _claims(vms: Host, path: Path) -> dict[str, Literal["disk", "checkpoint"]]:
     """The VMs that `path` (in the storage directory) belongs to, and how: as one of its
     disks, or held by its checkpoints."""
     want = str(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from hvagent.drivers.cmdline import VMFiles, build_command
+from hvagent.drivers.cmdline import VMFiles, blockdev, build_command, cpu_args
 from hvagent.spec import NAME_RE, DiskSpec, VMSpec, parse_size
 
 FILES = VMFiles.for_vm("v", Path("/run/x"), Path("/log/x"), Path("/state/x"))
@@ -137,3 +137,22 @@ def test_cross_field_rules_are_marked() -> None:
     with pytest.raises(ValidationError) as e:
         VMSpec(name="v", vcpus=3, max_vcpus=2)
     assert [err["type"] for err in e.value.errors()] == ["cross_field"]
+
+
+def test_nested_virtualization_policy_becomes_cpu_flags() -> None:
+    tcg = ["-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm"]
+    assert cpu_args(tcg, nested=True) == tcg
+    assert cpu_args(tcg, nested=False) == ["-accel", "tcg,thread=multi", "-cpu",
+                                           "qemu64,-svm,-vmx"]
+    spec = VMSpec(name="v")
+    assert _arg(build_command(spec, FILES, tcg, nested=False), "-cpu") == ["qemu64,-svm,-vmx"]
+    assert _arg(build_command(spec, FILES, tcg), "-cpu") == ["qemu64,+svm"]
+
+
+def test_only_the_agents_own_qcow2_images_use_lazy_refcounts() -> None:
+    own = DiskSpec(path="/img/a.qcow2", format="qcow2", size=1 << 20, created=True)
+    brought = DiskSpec(path="/img/b.qcow2", format="qcow2")
+    raw = DiskSpec(path="/img/c.raw", format="raw", size=1 << 20, created=True)
+    assert blockdev("disk0", own)["lazy-refcounts"] is True
+    assert "lazy-refcounts" not in blockdev("disk1", brought)
+    assert "lazy-refcounts" not in blockdev("disk2", raw)

@@ -11,12 +11,11 @@ from typing import Any
 from hvagent.cli.hvctl.client import Agent
 from hvagent.cli.hvctl.output import show
 from hvagent.errors import HVError
-from hvagent.spec import VLAN_MAX, VLAN_MIN, VLAN_RULE, DiskFormat
+from hvagent.host.formats import DISK_FORMAT_LABELS
+from hvagent.spec import VLAN_MAX, VLAN_MIN, VLAN_RULE
 
 NIC_METAVAR = "user|vlan=N[,mac=M]"
 NIC_HELP = "user (user-mode NAT) or vlan=N[,mac=M] (a tap on VLAN N's host bridge)"
-# Formats as people name them: the agent takes "vhd" for QEMU's "vpc".
-DISK_FORMATS = ["vhd" if f is DiskFormat.VPC else str(f) for f in DiskFormat]
 UNPLUG_TIMEOUT = 10.0  # the default of --timeout on removals
 ANSWER_MARGIN = 60.0  # how much longer than the guest's time hvctl waits for the answer
 
@@ -58,7 +57,7 @@ def add_parsers(vm: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     src = d.add_mutually_exclusive_group(required=True)
     src.add_argument("--disk", metavar="PATH", help="an image in the agent's storage dir")
     src.add_argument("--new-disk", metavar="SIZE", help="create a new image (e.g. 1G)")
-    d.add_argument("--format", choices=DISK_FORMATS)
+    d.add_argument("--format", choices=DISK_FORMAT_LABELS)
     d.set_defaults(func=attach_disk)
     dd = vm.add_parser("detach-disk", help="hot-remove a disk (the image is kept)")
     dd.add_argument("name")

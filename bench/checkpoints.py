@@ -34,7 +34,7 @@ from typing import Any
 from support import say
 from support.agent import Agent, library_for
 from support.guest import build_guest, tinyguest
-from support.libvirt import libvirt_session, run_peer
+from support.libvirt import end_leftover_qemus, libvirt_session, run_peer
 
 MEMORY_MIB = 512
 
@@ -236,7 +236,11 @@ def bench_libvirt(guest: Any, work: Path, rounds: int) -> dict[str, Any]:
     cfg = {"rounds": rounds, "tag": str(os.getpid()), "dir": str(d), "disk": str(disk),
            "memory": MEMORY_MIB, "kernel": str(guest.kernel), "initrd": str(guest.initrd),
            "append": guest.append()}
-    return dict(run_peer(LIBVIRT_SCRIPT, cfg))
+    try:
+        return dict(run_peer(LIBVIRT_SCRIPT, cfg))
+    finally:
+        if end_leftover_qemus(f"hvbench-ckpt-{cfg['tag']}"):
+            say("libvirt left a QEMU behind after its failed revert; ended it")
 
 
 def main() -> int:

@@ -101,6 +101,26 @@ def libvirt_session() -> Iterator[None]:
                 os.kill(pid, signal.SIGTERM)
 
 
+def end_leftover_qemus(domain: str) -> list[int]:
+    """SIGKILL the QEMU of libvirt domain `domain` when libvirt lost track of it: a
+    revert libvirt reports as failed can leave its QEMU (started with -S) running, paused
+    and orphaned, after libvirt already counts the domain as shut off."""
+    marker = f"guest={domain},".encode()  # libvirt's `-name guest=NAME,...`
+    ended = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and marker in cmd:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(d.name), signal.SIGKILL)
+                ended.append(int(d.name))
+    return ended
+
+
 def run_peer(script: str, cfg: dict[str, Any]) -> Any:
     """Run a benchmark's libvirt side (`script`, given `cfg` as JSON in argv[1]) and
     return the JSON it prints; its stderr (progress) goes straight through."""

@@ -41,6 +41,10 @@ AHCI_PORTS = 6
 # 802.1Q VLAN ids a bridge NIC, a network or a policy may name (0 and 4095 are reserved).
 VLAN_MIN, VLAN_MAX = 1, 4094
 VLAN_RULE = f"{VLAN_MIN}..{VLAN_MAX}"
+# Defaults a request may override: seconds a guest gets to shut down before it is forced
+# off, and to release a hot-removed device before the removal is reported pending.
+DEFAULT_STOP_TIMEOUT = 60.0
+DEFAULT_UNPLUG_TIMEOUT = 10.0
 
 # QEMU's own maxima for the machine the agent builds (q35, QEMU 7.2), independent of
 # the host (the host's limits are hvagent.services.limits):

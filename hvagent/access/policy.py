@@ -242,18 +242,6 @@ class Admission:
         if self._record_owner is not None and who is not None and not who.is_root:
             self._record_owner(name, who.name)
 
-    def qemu_args(self, args: list[str]) -> list[str]:
-        """The accelerator's QEMU arguments with nested virtualization hidden from the
-        guest when the policy says so."""
-        if self.policy.nested_virtualization:
-            return list(args)
-        out = list(args)
-        for i, a in enumerate(out[:-1]):
-            if a == "-cpu":
-                feats = [f for f in out[i + 1].split(",") if f not in ("+svm", "+vmx")]
-                out[i + 1] = ",".join([*feats, "-svm", "-vmx"])
-        return out
-
 
 def _ids(ids: list[int]) -> str:
     return ",".join(str(i) for i in ids) or "none"

@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from hvagent.access.privileges import Privilege as P
 from hvagent.api.auth import require
 from hvagent.api.schemas import HostPathQuery, Mac, VMName
-from hvagent.services.devices import DEFAULT_UNPLUG_TIMEOUT, Change, DeviceService
+from hvagent.services.devices import Change, DeviceService
 from hvagent.spec import (
+    DEFAULT_UNPLUG_TIMEOUT,
     MAX_MEMORY_MIB,
     MAX_VCPUS,
     MIN_MEMORY_MIB,

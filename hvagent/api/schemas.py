@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import Path, Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from hvagent.services.vms import DEFAULT_STOP_TIMEOUT
 from hvagent.spec import (
+    DEFAULT_STOP_TIMEOUT,
     MAC_PATTERN,
     NAME_MAX,
     NAME_RE,

@@ -1,6 +1,6 @@
 """TLS for the agent's TCP listener: its own CA and server certificate (made on first
 start in state_dir/tls unless configured), the server's SSL context (TLS 1.2+), the CA
-fingerprint clients pin, and the client side of that pinning (used by hvctl)."""
+fingerprint clients pin (hvctl's side of the pinning: hvagent.cli.hvctl.pinning)."""
 
 from __future__ import annotations
 
@@ -40,13 +40,6 @@ def fingerprint(pem: bytes) -> str:
 
     der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
     return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
-
-
-def normalize_fingerprint(value: str) -> str:
-    hexdigits = value.strip().upper().removeprefix("SHA256:").replace(":", "")
-    if len(hexdigits) != 64 or any(c not in "0123456789ABCDEF" for c in hexdigits):
-        raise InvalidRequest(f"--ca-fingerprint: {value!r} is not a sha256 fingerprint")
-    return ":".join(hexdigits[i:i + 2] for i in range(0, 64, 2))
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -140,49 +133,3 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as e:
         raise InvalidRequest(f"tls: cannot load {cert} / {key}: {e}") from e
     return ctx
-
-
-def pinned_client_context(ca_pem: bytes) -> ssl.SSLContext:
-    """Trust only this agent's CA. The host name is not checked: the CA is private to
-    one agent (its key never leaves the agent's state dir), so any certificate it signed
-    is that agent's, whatever address the client used to reach it."""
-    ctx = ssl.create_default_context(cadata=ca_pem.decode())
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def fetch_ca(host: str, port: int, expected: str, timeout: float = 10.0) -> bytes:
-    """The CA certificate the agent at host:port serves, checked against the pinned
-    fingerprint `expected` before anything trusts it."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Unverified only for this one fetch: the pin below is the verification.
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    import httpx
-
-    try:
-        with httpx.Client(verify=ctx, timeout=timeout) as c:
-            r = c.get(f"https://{host}:{port}/ca.pem")
-    except httpx.HTTPError as e:
-        raise InvalidRequest(f"cannot fetch the CA certificate from {host}:{port}: {e}") from e
-    if r.status_code != 200:
-        raise InvalidRequest(f"{host}:{port}: /ca.pem answered HTTP {r.status_code}")
-    pem = r.content
-    try:
-        got = fingerprint(pem)
-    except ValueError as e:
-        raise InvalidRequest(f"{host}:{port}: /ca.pem is not a certificate") from e
-    if got != normalize_fingerprint(expected):
-        raise InvalidRequest(f"{host}:{port}: CA fingerprint is {got}, not the pinned "
-                             f"{normalize_fingerprint(expected)}")
-    # The fetched CA must also be the one that signed the certificate this server shows.
-    with httpx.Client(verify=pinned_client_context(pem), timeout=timeout) as c:
-        try:
-            c.get(f"https://{host}:{port}/ca.pem")
-        except httpx.ConnectError as e:
-            raise InvalidRequest(f"{host}:{port}: server certificate is not signed by the "
-                                 f"pinned CA: {e}") from e
-    return pem

@@ -30,6 +30,7 @@ from hvagent.services.limits import check_host_limits
 from hvagent.services.networks import check_vlan
 from hvagent.spec import (
     ACTIVE_STATES,
+    DEFAULT_UNPLUG_TIMEOUT,
     DimmSpec,
     DiskSpec,
     NicSpec,
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIMM_STEP_MIB = 128  # Linux onlines hot-added memory in 128 MiB blocks
-DEFAULT_UNPLUG_TIMEOUT = 10.0
 
 
 # free places for a hot-added device

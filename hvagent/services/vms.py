@@ -40,14 +40,13 @@ from hvagent.services.limits import check_host_limits
 from hvagent.services.networks import NetworkService
 from hvagent.spec import ACTIVE_STATES as ACTIVE
 from hvagent.spec import ANSWERING_STATES as ANSWERING
-from hvagent.spec import DiskSpec, VMSpec, VMState
+from hvagent.spec import DEFAULT_STOP_TIMEOUT, DiskSpec, VMSpec, VMState
 from hvagent.store import Store, VMRow
 
 log = logging.getLogger(__name__)
 
 # How often the monitor of an unresponsive VM is tried again in the background.
 PROBE_INTERVAL = 1.0
-DEFAULT_STOP_TIMEOUT = 60.0
 QUIT_TIMEOUT = 5.0
 CRASH_LOG_LINES = 20
 

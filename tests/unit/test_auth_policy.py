@@ -19,6 +19,7 @@ from hvagent.access.security import Security
 from hvagent.access.tokens import Tokens, TokenStatus, parse_duration, token_hash
 from hvagent.api.auth import check_routes, require, undeclared_routes
 from hvagent.config import AgentConfig
+from hvagent.drivers.cmdline import cpu_args
 from hvagent.errors import InvalidRequest, NotFound
 from hvagent.services import files
 from hvagent.services.jobs import Jobs
@@ -162,10 +163,11 @@ def test_disk_formats_and_vlans() -> None:
 
 def test_nested_virtualization_hidden_from_guests() -> None:
     tcg = ["-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm"]
-    assert Admission(HostPolicy()).qemu_args(tcg) == tcg
-    off = Admission(HostPolicy(nested_virtualization=False))
-    assert off.qemu_args(tcg) == ["-accel", "tcg,thread=multi", "-cpu", "qemu64,-svm,-vmx"]
-    assert off.qemu_args(["-accel", "kvm", "-cpu", "host"])[-1] == "host,-svm,-vmx"
+    # The policy states yes/no; the machine driver turns it into -cpu flags.
+    on, off = HostPolicy().nested_virtualization, False
+    assert cpu_args(tcg, nested=on) == tcg
+    assert cpu_args(tcg, nested=off) == ["-accel", "tcg,thread=multi", "-cpu", "qemu64,-svm,-vmx"]
+    assert cpu_args(["-accel", "kvm", "-cpu", "host"], nested=off)[-1] == "host,-svm,-vmx"
 
 
 # tokens in a real SQLite store

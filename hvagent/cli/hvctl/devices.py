@@ -12,11 +12,11 @@ from hvagent.cli.hvctl.client import Agent
 from hvagent.cli.hvctl.output import show
 from hvagent.errors import HVError
 from hvagent.host.formats import DISK_FORMAT_LABELS
+from hvagent.spec import DEFAULT_UNPLUG_TIMEOUT as UNPLUG_TIMEOUT
 from hvagent.spec import VLAN_MAX, VLAN_MIN, VLAN_RULE
 
 NIC_METAVAR = "user|vlan=N[,mac=M]"
 NIC_HELP = "user (user-mode NAT) or vlan=N[,mac=M] (a tap on VLAN N's host bridge)"
-UNPLUG_TIMEOUT = 10.0  # the default of --timeout on removals
 ANSWER_MARGIN = 60.0  # how much longer than the guest's time hvctl waits for the answer
 
 

@@ -12,9 +12,8 @@ from hvagent.cli.hvctl.client import Agent
 from hvagent.cli.hvctl.devices import NIC_HELP, NIC_METAVAR, parse_nic
 from hvagent.cli.hvctl.output import show
 from hvagent.errors import InvalidRequest
+from hvagent.spec import DEFAULT_STOP_TIMEOUT as STOP_TIMEOUT
 from hvagent.spec import Firmware
-
-STOP_TIMEOUT = 60.0  # the default of `vm stop --timeout`, as the agent's
 
 
 def add_parsers(vm: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,19 +19,20 @@ from typing import Any
 from builder.inputs import Inputs, changed_inputs
 from builder.profile import OutputFormat, Profile
 from hvagent.host import run
-from hvagent.host.kvm import QEMU_IMG
+from hvagent.host.formats import QEMU_IMG, DiskFormat, create_options
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # One conversion or copy of an artifact (a few GiB on a slow disk).
 CONVERT_TIMEOUT = 1800.0
 
-# qemu-img output format and options per artifact kind.
-_CONVERT: dict[OutputFormat, tuple[str, list[str]]] = {
-    OutputFormat.RAW: ("raw", []),
-    OutputFormat.USB: ("raw", []),
-    OutputFormat.VHD: ("vpc", ["-o", "subformat=dynamic,force_size=on"]),
-    OutputFormat.VHDX: ("vhdx", ["-o", "subformat=dynamic"]),
+# The disk format of each image artifact; qemu-img's options for it are the agent's own
+# (hvagent.host.formats.create_options: dynamic VHD/VHDX, VHD sizes exact).
+_CONVERT: dict[OutputFormat, DiskFormat] = {
+    OutputFormat.RAW: DiskFormat.RAW,
+    OutputFormat.USB: DiskFormat.RAW,
+    OutputFormat.VHD: DiskFormat.VPC,
+    OutputFormat.VHDX: DiskFormat.VHDX,
 }
 
 
@@ -64,10 +65,11 @@ def produce(profile: Profile, qcow2: Path, dest: Path) -> dict[str, dict[str, An
         elif fmt is OutputFormat.RAW and OutputFormat.USB in made:
             os.link(made[OutputFormat.USB], target)
         else:
-            qfmt, opts = _CONVERT[fmt]
+            disk = _CONVERT[fmt]
             try:
-                done = run.run([QEMU_IMG, "convert", "-f", "qcow2", "-O", qfmt, *opts, qcow2,
-                                target], timeout=CONVERT_TIMEOUT, check=False)
+                done = run.run([QEMU_IMG, "convert", "-f", "qcow2", "-O", disk.qemu,
+                                *create_options(disk, fixed=False), qcow2, target],
+                               timeout=CONVERT_TIMEOUT, check=False)
             except run.ProcessFailed as e:  # not installed, or timed out
                 raise OutputError(str(e)) from None
             if done.returncode != 0:

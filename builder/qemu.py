@@ -6,7 +6,7 @@ guest's port 22 forwarded to a free 127.0.0.1 port. A public key can be handed t
 guest through fw_cfg (opt/corehost/authorized_keys), which images built with
 `test_access: true` install for root at boot. `snapshot=True` keeps the image file
 untouched (its sha256 stays what manifest.json says). Power-off is ACPI through QMP,
-then QMP `quit`, then a kill, each only when the previous did not end QEMU in time.
+then an immediate quit, then a kill, each only when the previous did not end QEMU in time.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
+from hvagent.drivers import qmp
 from hvagent.host import run
-from hvagent.host.kvm import QEMU, QEMU_IMG, AccelChoice, choose_accel
+from hvagent.host.formats import QEMU_IMG
+from hvagent.host.kvm import QEMU, AccelChoice, choose_accel
 
 log = logging.getLogger(__name__)
 
@@ -184,18 +184,6 @@ class Machine:
         raise BootError(f"no ssh on 127.0.0.1:{self.ssh_port} after {timeout:.0f}s ({last}); "
                         f"serial console:\n{self.serial_tail()}")
 
-    def _qmp(self, command: str) -> bool:
-        try:
-            mon = QEMUMonitorProtocol(str(self.qmp_path))
-            mon.connect()
-            try:
-                mon.cmd(command)
-            finally:
-                mon.close()
-            return True
-        except Exception:  # no QMP (any error) means QEMU is already going away
-            return False
-
     def poweroff(self, timeout: float = 120.0) -> int | None:
         """Stop the guest: ACPI power button, then QMP quit, then SIGKILL. Returns QEMU's
         exit status."""
@@ -203,12 +191,12 @@ class Machine:
             if self.proc is None:
                 return None
             if self.proc.poll() is None:
-                self._qmp("system_powerdown")
+                qmp.press_power_button(self.qmp_path)
                 try:
                     self.proc.wait(timeout)
                 except run.TimeoutExpired:
                     log.warning("guest ignored the ACPI power button for %.0fs; quitting", timeout)
-                    self._qmp("quit")
+                    qmp.quit_now(self.qmp_path)
                     try:
                         self.proc.wait(10)
                     except run.TimeoutExpired:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat as st
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hvagent.cli.listing import ls_line
 from hvagent.disk import image
 from hvagent.disk.errors import DiskError
 from hvagent.disk.progress import progress_display
@@ -161,13 +161,6 @@ def cmd_parts(a: argparse.Namespace) -> int:
 
 
 # -- guest file commands --------------------------------------------------------------------
-def ls_line(e: dict[str, object]) -> str:
-    kind = {"dir": st.S_IFDIR, "file": st.S_IFREG, "symlink": st.S_IFLNK}.get(
-        str(e["type"]), 0)
-    mode = st.filemode(kind | int(str(e["mode"]), 8))
-    return f"{mode} {e['uid']:>5} {e['gid']:>5} {e['size']:>10} {e['name']}"
-
-
 def cmd_ls(a: argparse.Namespace) -> int:
     from hvagent.disk import fs
 

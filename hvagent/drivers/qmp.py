@@ -134,3 +134,33 @@ class Monitor:
                 break
         if not self._closing and self._on_lost is not None:
             self._on_lost()
+
+
+# One-shot commands for a QEMU this process did not launch through the agent (the image
+# builder's test boots): a short synchronous connection, no event handling. False when
+# there is no monitor to talk to, which means QEMU is already going away.
+
+
+def _once(path: Path, command: str) -> bool:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    try:
+        mon = QEMUMonitorProtocol(str(path))
+        mon.connect()
+        try:
+            mon.cmd(command)
+        finally:
+            mon.close()
+        return True
+    except Exception:  # any failure to reach the monitor means QEMU is ending
+        return False
+
+
+def press_power_button(path: Path) -> bool:
+    """ACPI power button (the guest shuts itself down)."""
+    return _once(path, "system_powerdown")
+
+
+def quit_now(path: Path) -> bool:
+    """End QEMU at once, as a host pulling the plug would."""
+    return _once(path, "quit")

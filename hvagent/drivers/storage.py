@@ -25,9 +25,8 @@ from typing import Any, Literal, NamedTuple
 
 from hvagent.errors import DiskError, ImageInUse
 from hvagent.host import run
-from hvagent.host.formats import DiskFormat
+from hvagent.host.formats import QEMU_IMG, DiskFormat, create_options
 
-QEMU_IMG = "qemu-img"
 QSD = "qemu-storage-daemon"
 # Seconds. Metadata work (info, snapshots, a sparse create) is quick; work over every
 # byte of a disk (convert, commit, check, a preallocated create) is bounded only so that
@@ -126,18 +125,6 @@ def backing_chain(path: Path | str) -> list[dict[str, Any]]:
 
     chain: list[dict[str, Any]] = json.loads(done.stdout)
     return chain
-
-
-def create_options(fmt: DiskFormat, fixed: bool) -> list[str]:
-    """qemu-img -o options for a new image of `fmt`, fully allocated when `fixed`."""
-    if fmt is DiskFormat.VPC:
-        # force_size: keep the exact byte size instead of rounding to CHS geometry.
-        return ["-o", f"force_size=on,subformat={'fixed' if fixed else 'dynamic'}"]
-    if fmt is DiskFormat.VHDX:
-        return ["-o", f"subformat={'fixed' if fixed else 'dynamic'}"]
-    if fixed:
-        return ["-o", "preallocation=falloc" if fmt is DiskFormat.RAW else "preallocation=full"]
-    return []
 
 
 def create(path: Path | str, fmt: DiskFormat, size: int, *, fixed: bool = False,

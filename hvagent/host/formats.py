@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 
+QEMU_IMG = "qemu-img"  # QEMU's image tool
+
 _SIZE_RE = re.compile(r"^(\d+)(?:\.(\d+))?\s*([KMGTP]?)(?:i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -61,3 +63,15 @@ def parse_size(value: int | str, *, sectors: bool = False) -> int:
     if sectors and (size <= 0 or size % 512):
         raise ValueError(f"size {value!r}: must be a positive multiple of 512 bytes")
     return size
+
+
+def create_options(fmt: DiskFormat, fixed: bool) -> list[str]:
+    """qemu-img -o options for a new image of `fmt`, fully allocated when `fixed`."""
+    if fmt is DiskFormat.VPC:
+        # force_size: keep the exact byte size instead of rounding to CHS geometry.
+        return ["-o", f"force_size=on,subformat={'fixed' if fixed else 'dynamic'}"]
+    if fmt is DiskFormat.VHDX:
+        return ["-o", f"subformat={'fixed' if fixed else 'dynamic'}"]
+    if fixed:
+        return ["-o", "preallocation=falloc" if fmt is DiskFormat.RAW else "preallocation=full"]
+    return []

@@ -27,7 +27,6 @@ from hvagent.host import run
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
-QEMU_IMG = "qemu-img"  # QEMU's image tool, from the same package
 # Where ci/host-deps.sh unpacks a stock Debian kernel on build machines.
 KERNEL_CACHE = Path("/var/cache/corehost/kernel")
 PROBE_MARKER = b"Linux version"

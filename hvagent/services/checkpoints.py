@@ -226,7 +226,8 @@ class CheckpointService:
         """Whether a disk keeps QEMU from saving the VM's state (a VHD/VHDX image in its
         chain). A running QEMU says which images it has open; else qemu-img."""
         if m is not None:
-            return any(fmt in ("vpc", "vhdx") for chain in await m.disk_formats(spec)
+            unsaveable = (DiskFormat.VPC, DiskFormat.VHDX)
+            return any(fmt in unsaveable for chain in await m.disk_formats(spec)
                        for fmt in chain)
         for d in spec.disks:
             assert d.path is not None

@@ -161,7 +161,7 @@ def _changes(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
 def _ls(rows: list[dict[str, Any]]) -> None:
     # The same `ls -l` line as `hvdisk ls -l` prints offline.
-    from hvagent.cli.hvdisk import ls_line
+    from hvagent.cli.listing import ls_line
 
     for r in rows:
         print(ls_line(r))

@@ -15,3 +15,4 @@ def show(args: argparse.Namespace, data: Any, human: Callable[[Any], object]) ->
         print(json.dumps(data, indent=2))
     else:
         human(data)
+

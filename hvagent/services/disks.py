@@ -20,15 +20,34 @@ import asyncio
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
-from hvagent.disk import fs as guestfs
 from hvagent.disk import image
 from hvagent.disk.errors import DiskError
-from hvagent.disk.p2v import detect_boot
 from hvagent.errors import Conflict, InvalidRequest, NotFound, OperationFailed
 from hvagent.services import files
 from hvagent.spec import ACTIVE_STATES, DiskFormat, DiskSpec, Firmware, VMSpec
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from hvagent.disk.fs import GuestImage
+    from hvagent.disk.p2v import BootDetection
+
+
+# The guest file-system tools load on first use (~2.4 MiB of the agent's RSS that only the
+# disk-file routes and VM import need).
+def _fs() -> ModuleType:
+    from hvagent.disk import fs
+
+    return fs
+
+
+def _detect_boot(path: Path) -> BootDetection:
+    from hvagent.disk.p2v import detect_boot
+
+    return detect_boot(path)
+
 
 T = TypeVar("T")
 Use = files.Use
@@ -125,7 +144,7 @@ class DiskService:
     # files on a stopped VM's disk
 
     async def _on_stopped_disk(self, name: str, index: int, op: str,
-                               fn: Callable[[guestfs.GuestImage], T],
+                               fn: Callable[[GuestImage], T],
                                partition: int | None) -> T:
         """Run fn on disk `index` of VM `name` while holding the VM's operation lock, so
         that the VM cannot start in the middle."""
@@ -138,10 +157,10 @@ class DiskService:
         assert path is not None
         with self.vms.locks.hold(name, op):
             return await asyncio.to_thread(
-                lambda: fn(guestfs.GuestImage(Path(path), partition)))
+                lambda: fn(_fs().GuestImage(Path(path), partition)))
 
     async def partitions(self, name: str, index: int) -> dict[str, Any]:
-        def layout(gi: guestfs.GuestImage) -> dict[str, Any]:
+        def layout(gi: GuestImage) -> dict[str, Any]:
             scheme, parts = gi.layout()
             return {"scheme": scheme, "partitions": [p.to_dict() for p in parts]}
         return await self._on_stopped_disk(name, index, "disk-read", layout, None)
@@ -149,17 +168,17 @@ class DiskService:
     async def ls(self, name: str, index: int, path: str,
                  partition: int | None) -> list[dict[str, object]]:
         return await self._on_stopped_disk(name, index, "disk-read",
-                                           lambda gi: guestfs.ls(gi, path), partition)
+                                           lambda gi: _fs().ls(gi, path), partition)
 
     async def stat(self, name: str, index: int, path: str, partition: int | None, *,
                    follow: bool = False) -> dict[str, object]:
         return await self._on_stopped_disk(
-            name, index, "disk-read", lambda gi: guestfs.stat(gi, path, follow=follow),
+            name, index, "disk-read", lambda gi: _fs().stat(gi, path, follow=follow),
             partition)
 
     async def read(self, name: str, index: int, path: str, partition: int | None) -> bytes:
         return await self._on_stopped_disk(name, index, "disk-read",
-                                           lambda gi: guestfs.cat(gi, path), partition)
+                                           lambda gi: _fs().cat(gi, path), partition)
 
     async def write(self, name: str, index: int, path: str, content: bytes,
                     partition: int | None, *, mode: int | None = None,
@@ -172,21 +191,21 @@ class DiskService:
             src.write_bytes(content)
             plan = await self._on_stopped_disk(
                 name, index, "disk-write",
-                lambda gi: guestfs.put(gi, src, path, mode=mode, uid=uid, gid=gid,
+                lambda gi: _fs().put(gi, src, path, mode=mode, uid=uid, gid=gid,
                                        into_dir=False), partition)
         return plan.changes
 
     async def remove(self, name: str, index: int, path: str, partition: int | None, *,
                      recursive: bool = False) -> list[str]:
         plan = await self._on_stopped_disk(
-            name, index, "disk-write", lambda gi: guestfs.rm(gi, path, recursive=recursive),
+            name, index, "disk-write", lambda gi: _fs().rm(gi, path, recursive=recursive),
             partition)
         return plan.changes
 
     async def make_dir(self, name: str, index: int, path: str, partition: int | None, *,
                        parents: bool = False) -> list[str]:
         plan = await self._on_stopped_disk(
-            name, index, "disk-write", lambda gi: guestfs.mkdir(gi, path, parents=parents),
+            name, index, "disk-write", lambda gi: _fs().mkdir(gi, path, parents=parents),
             partition)
         return plan.changes
 
@@ -200,7 +219,7 @@ class DiskService:
         # Before the image is read at all: what it holds would tell a caller about a file
         # it may not use. create() asks again (as disks[0].path) for the spec it records.
         path = self.allowed_file(image_path, "image", "disk", name)
-        det = await asyncio.to_thread(detect_boot, path)
+        det = await asyncio.to_thread(_detect_boot, path)
         bus: Literal["virtio", "sata"] = "virtio" if det.disk_bus == "virtio" else "sata"
         spec = VMSpec(name=name, vcpus=vcpus, memory_mib=memory_mib,
                       firmware=Firmware(det.firmware),

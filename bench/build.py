@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from builder import dib, mirrors, qemu
 from builder.paths import elements_dir, repo_root
 from builder.profile import Profile, load
 from builder.render import element_closure
+from hvagent.host import run
 
 TARGET_COLD = 1.10
 TARGET_SIZE = 0.55
@@ -43,6 +43,8 @@ TARGET_BOOT = 1.20
 # (after its colour codes are stripped).
 AGENT_STARTED = "Started hvagent.service"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Bound on one build (a cold build takes many minutes, far less than this).
+BUILD_TIMEOUT = 3 * 3600.0
 
 
 def say(msg: str) -> None:
@@ -53,11 +55,18 @@ def timed(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = 
     say("$ " + " ".join(cmd))
     start = time.monotonic()
     with open(log or os.devnull, "w") as out:
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              cwd=repo_root())
+        # spawn, not run: the build's stdout and stderr go together into the log.
+        proc = run.spawn(cmd, env=env, stdout=out, stderr=run.STDOUT, cwd=repo_root())
+        try:
+            returncode = proc.wait(timeout=BUILD_TIMEOUT)
+        except run.TimeoutExpired:
+            sys.exit(f"bench: {cmd[0]} did not finish within {BUILD_TIMEOUT:g} s; log: {log}")
+        finally:
+            if proc.poll() is None:  # timed out or interrupted: end the build
+                run.stop(proc)
     took = time.monotonic() - start
-    if proc.returncode != 0:
-        sys.exit(f"bench: {cmd[0]} failed (exit {proc.returncode}); log: {log}")
+    if returncode != 0:
+        sys.exit(f"bench: {cmd[0]} failed (exit {returncode}); log: {log}")
     say(f"  {took:.1f}s")
     return took
 

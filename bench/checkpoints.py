@@ -24,7 +24,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ from support import say
 from support.agent import Agent, library_for
 from support.guest import build_guest, tinyguest
 from support.libvirt import end_leftover_qemus, libvirt_session, run_peer
+
+from hvagent.host import run
 
 MEMORY_MIB = 512
 
@@ -231,7 +232,7 @@ def bench_libvirt(guest: Any, work: Path, rounds: int) -> dict[str, Any]:
     d.mkdir(mode=0o777)
     d.chmod(0o777)  # QEMU may run as libvirt-qemu
     disk = d / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    run.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "64M"], timeout=60)
     disk.chmod(0o666)
     cfg = {"rounds": rounds, "tag": str(os.getpid()), "dir": str(d), "disk": str(disk),
            "memory": MEMORY_MIB, "kernel": str(guest.kernel), "initrd": str(guest.initrd),

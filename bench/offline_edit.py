@@ -20,12 +20,13 @@ import glob
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from hvagent.host import run
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -33,14 +34,20 @@ HVDISK = [sys.executable, "-m", "hvagent.cli.hvdisk"]
 HVDISK_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 MTOOLS_ENV = {**os.environ, "MTOOLSRC": "/dev/null", "MTOOLS_SKIP_CHECK": "1"}
 KERNEL_CACHE = Path("/var/cache/corehost/kernel")
+# Bounds on one command (a 2 GiB conversion, a guestfish session under TCG) and on the
+# peer's apt-get install: far above what a healthy run takes.
+COMMAND_TIMEOUT = 1800.0
+INSTALL_TIMEOUT = 1800.0
 
 
 def sh(*cmd: str | Path, env: dict[str, str] | None = None, input: bytes | None = None
        ) -> bytes:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, env=env, input=input,
-                          check=False)
+    try:
+        proc = run.run(cmd, env=env, input=input, timeout=COMMAND_TIMEOUT, check=False)
+    except run.ProcessFailed as e:  # could not start, or timed out
+        raise SystemExit(str(e)) from None
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
+        raise SystemExit(f"{cmd[0]} failed: {proc.err.strip()}")
     return proc.stdout
 
 
@@ -97,11 +104,14 @@ def guestfish_env() -> dict[str, str] | None:
     if shutil.which("guestfish") is None:
         print("installing libguestfs-tools (benchmark peer only) ...", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                               "libguestfs-tools"],
-                              capture_output=True, env=env, check=False)
-        if proc.returncode != 0 or shutil.which("guestfish") is None:
-            print("guestfish unavailable: " + proc.stderr.decode(errors="replace")[-300:])
+        try:
+            proc = run.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                            "libguestfs-tools"], env=env, timeout=INSTALL_TIMEOUT, check=False)
+            ok, why = proc.returncode == 0, proc.err[-300:]
+        except run.ProcessFailed as e:  # apt-get missing, or timed out
+            ok, why = False, str(e)
+        if not ok or shutil.which("guestfish") is None:
+            print("guestfish unavailable: " + why)
             return None
     env = {**os.environ, "LIBGUESTFS_BACKEND": "direct",
            "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,11 +13,13 @@ from typing import Any
 
 import httpx
 
+from hvagent.host import run
 from support import REPO
 from support.guest import tinyguest
 
 HVAGENT = [sys.executable, "-m", "hvagent.cli.hvagent"]
 START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
 
 
 class Agent:
@@ -37,7 +38,7 @@ class Agent:
             "storage_dir": str(root / "images"), "run_dir": str(self.run_dir),
             "log_dir": str(root / "log"), "accel": "auto", "policy": str(policy),
         }))
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: run.Popen[bytes] | None = None
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
                                    base_url="http://hvagent/api/v1", timeout=120)
 
@@ -48,8 +49,8 @@ class Agent:
 
     def start(self) -> None:
         log = (self.root / "agent.log").open("ab")
-        self.proc = subprocess.Popen([*HVAGENT, "serve", "--config", str(self.config)],
-                                     stdout=log, stderr=log, cwd=REPO)
+        self.proc = run.spawn([*HVAGENT, "serve", "--config", self.config],
+                              stdout=log, stderr=log, cwd=REPO)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -65,9 +66,8 @@ class Agent:
     def stop(self) -> None:
         """End the agent, then any QEMU of its VMs that outlived it."""
         self.client.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+        if self.proc is not None:
+            run.stop(self.proc, grace=STOP_TIMEOUT)
         for pid in self.qemu_pids():
             os.kill(pid, signal.SIGKILL)
 

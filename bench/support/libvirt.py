@@ -16,32 +16,53 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hvagent.host import run
 from support import say
 
 KVM_DEV = Path("/dev/kvm")
 SYSTEM_PYTHON = "/usr/bin/python3"
+# Bounds: a quick query (pidof, a libvirt connection test), a daemon's start-up, the
+# peer's apt-get install, and one benchmark's whole libvirt side.
+QUERY_TIMEOUT = 30.0
+DAEMON_TIMEOUT = 60.0
+INSTALL_TIMEOUT = 1800.0
+PEER_TIMEOUT = 3 * 3600.0
+
+
+def run_through(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
+    """Run a command with its output going straight through, not captured (a daemon that
+    forks into the background would hold a capturing pipe open); ProcessFailed when it
+    fails or outlasts `timeout`."""
+    proc = run.spawn(argv, stdout=None, stderr=None, env=env)
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except run.TimeoutExpired:
+        run.stop(proc)
+        raise run.failure(argv, None, b"", timeout=timeout) from None
+    if returncode != 0:
+        raise run.failure(argv, returncode, b"")
 
 
 def pids_named(name: str) -> list[int]:
-    out = subprocess.run(["pidof", name], capture_output=True, text=True).stdout
+    out = run.run(["pidof", name], timeout=QUERY_TIMEOUT, check=False).out
     return [int(p) for p in out.split()]
 
 
 def ensure_libvirt() -> None:
-    have = (shutil.which("libvirtd") and subprocess.run(
-        [SYSTEM_PYTHON, "-c", "import libvirt"], capture_output=True).returncode == 0)
+    have = (shutil.which("libvirtd") and run.run(
+        [SYSTEM_PYTHON, "-c", "import libvirt"], timeout=QUERY_TIMEOUT,
+        check=False).returncode == 0)
     if have:
         return
     say("installing libvirt-daemon-system python3-libvirt (benchmark peer only)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                    "libvirt-daemon-system", "python3-libvirt"], check=True, env=env)
+    run_through(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                 "libvirt-daemon-system", "python3-libvirt"], INSTALL_TIMEOUT, env=env)
 
 
 @contextlib.contextmanager
@@ -71,7 +92,7 @@ def start_libvirt() -> list[int]:
         if pids_named(daemon):
             continue
         before = set(pids_named(daemon))
-        subprocess.run([daemon, "-d"], check=True)
+        run_through([daemon, "-d"], DAEMON_TIMEOUT)
         deadline = time.monotonic() + 30
         while not (set(pids_named(daemon)) - before) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -79,9 +100,9 @@ def start_libvirt() -> list[int]:
     # libvirtd answers once its socket is up
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if subprocess.run([SYSTEM_PYTHON, "-c",
-                           "import libvirt; libvirt.open('qemu:///system').close()"],
-                          capture_output=True).returncode == 0:
+        if run.run([SYSTEM_PYTHON, "-c",
+                    "import libvirt; libvirt.open('qemu:///system').close()"],
+                   timeout=QUERY_TIMEOUT, check=False).returncode == 0:
             break
         time.sleep(0.3)
     return started
@@ -124,8 +145,15 @@ def end_leftover_qemus(domain: str) -> list[int]:
 def run_peer(script: str, cfg: dict[str, Any]) -> Any:
     """Run a benchmark's libvirt side (`script`, given `cfg` as JSON in argv[1]) and
     return the JSON it prints; its stderr (progress) goes straight through."""
-    r = subprocess.run([SYSTEM_PYTHON, "-c", script, json.dumps(cfg)], stdout=subprocess.PIPE,
-                       text=True)
-    if r.returncode != 0:
+    # spawn, not run: only stdout is captured, stderr goes straight through.
+    proc = run.spawn([SYSTEM_PYTHON, "-c", script, json.dumps(cfg)], stdout=run.PIPE,
+                     stderr=None, text=True)
+    try:
+        out, _ = proc.communicate(timeout=PEER_TIMEOUT)
+    except run.TimeoutExpired:
+        # SIGINT: the script's `finally` destroys and undefines its domain.
+        run.stop(proc, sig=signal.SIGINT, grace=60)
+        raise RuntimeError(f"libvirt side did not finish within {PEER_TIMEOUT:g} s") from None
+    if proc.returncode != 0:
         raise RuntimeError("libvirt side failed (see above)")
-    return json.loads(r.stdout)
+    return json.loads(out)

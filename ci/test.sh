@@ -8,6 +8,7 @@ bash ci/host-deps.sh
 bash ci/venv.sh test
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check builder hvagent tests bench
+lint-imports  # the layers, as .importlinter states them
 pytest tests --ignore=tests/image
 corehost build profiles/ci.yaml
 corehost test out/ci/ci.qcow2

@@ -197,7 +197,7 @@ class Machine:
 
     async def _quietly(self, cmd: str, args: dict[str, Any]) -> None:
         try:
-            await self._monitor.execute(cmd, args)
+            await self._monitor.command(cmd, args)
         except Exception as e:  # best-effort cleanup: report, never mask the first error
             log.warning("%s: %s: %s", self.name, cmd, e)
 
@@ -209,27 +209,27 @@ class Machine:
 
     async def cont(self) -> None:
         """Let the guest run (after -S, a pause, a checkpoint or a load)."""
-        await self._monitor.execute("cont")
+        await self._monitor.command("cont")
 
     async def pause(self) -> None:
-        await self._monitor.execute("stop")
+        await self._monitor.command("stop")
 
     async def reset(self) -> None:
-        await self._monitor.execute("system_reset")
+        await self._monitor.command("system_reset")
 
     async def power_button(self) -> None:
         """Press the ACPI power button (the guest decides whether to power off)."""
-        await self._monitor.execute("system_powerdown")
+        await self._monitor.command("system_powerdown")
 
     async def quit(self) -> None:
         """Ask QEMU to exit at once (no guest shutdown)."""
-        await self._monitor.execute("quit")
+        await self._monitor.command("quit")
 
     # vCPUs
 
     async def _cpu_slots(self) -> list[dict[str, Any]]:
         """All vCPU positions in a stable order (socket, core, thread)."""
-        slots = await self._monitor.execute("query-hotpluggable-cpus")
+        slots = await self._monitor.command("query-hotpluggable-cpus")
         return sorted(slots, key=lambda s: tuple(s["props"].get(k, 0) for k in
                                                  ("socket-id", "die-id", "core-id",
                                                   "thread-id")))
@@ -239,7 +239,7 @@ class Machine:
         for i, s in enumerate(await self._cpu_slots()):
             if "qom-path" not in s:
                 dev_id = f"cpu{i}"
-                await self._monitor.execute("device_add",
+                await self._monitor.command("device_add",
                                             {"driver": s["type"], "id": dev_id, **s["props"]})
                 return dev_id
         raise Conflict("max_vcpus: every vCPU position is in use")
@@ -258,10 +258,10 @@ class Machine:
     async def hot_add_memory(self, dimm: DimmSpec) -> None:
         """A RAM backend and the pc-dimm in the DIMM's memory slot."""
         dev, mem = dimm_ids(dimm)
-        await self._monitor.execute("object-add", {"qom-type": "memory-backend-ram", "id": mem,
+        await self._monitor.command("object-add", {"qom-type": "memory-backend-ram", "id": mem,
                                                    "size": dimm.size_mib << 20})
         try:
-            await self._monitor.execute("device_add", {"driver": "pc-dimm", "id": dev,
+            await self._monitor.command("device_add", {"driver": "pc-dimm", "id": dev,
                                                        "memdev": mem, "slot": dimm.slot})
         except BaseException:
             await self._quietly("object-del", {"id": mem})
@@ -272,9 +272,9 @@ class Machine:
         d = spec.disks[i]
         assert d.path is not None and d.format is not None and d.slot is not None
         node = disk_node(spec, i)
-        await self._monitor.execute("blockdev-add", blockdev(node, d))
+        await self._monitor.command("blockdev-add", blockdev(node, d))
         try:
-            await self._monitor.execute("device_add", {
+            await self._monitor.command("device_add", {
                 "driver": "virtio-blk-pci", "drive": node, "id": node,
                 "bus": hotplug_port(d.slot)})
         except BaseException:
@@ -287,11 +287,11 @@ class Machine:
         assert n.slot is not None
         dev, netdev = nic_ids(spec, i)
         if n.network == "bridge":
-            await self._monitor.execute("netdev_add", tap_netdev(netdev, n.mac))
+            await self._monitor.command("netdev_add", tap_netdev(netdev, n.mac))
         else:
-            await self._monitor.execute("netdev_add", {"type": n.network, "id": netdev})
+            await self._monitor.command("netdev_add", {"type": n.network, "id": netdev})
         try:
-            await self._monitor.execute("device_add", {
+            await self._monitor.command("device_add", {
                 "driver": n.model, "id": dev, "netdev": netdev, "mac": n.mac,
                 "bus": hotplug_port(n.slot), "romfile": ""})
         except BaseException:
@@ -315,7 +315,7 @@ class Machine:
     # hot-remove
 
     async def has_device(self, dev: str) -> bool:
-        children = await self._monitor.execute("qom-list", {"path": "/machine/peripheral"})
+        children = await self._monitor.command("qom-list", {"path": "/machine/peripheral"})
         return any(c["name"] == dev for c in children)
 
     async def unplug(self, kind: DeviceKind, dev: str, timeout: float) -> bool:
@@ -325,7 +325,7 @@ class Machine:
         loop = asyncio.get_running_loop()
         deleted = self._deleted[dev] = asyncio.Event()
         try:
-            await self._monitor.execute("device_del", {"id": dev})
+            await self._monitor.command("device_del", {"id": dev})
             deadline = loop.time() + timeout
             wait = VCPU_UNPLUG_POLL if kind == "vcpu" else UNPLUG_POLL
             while not deleted.is_set():
@@ -362,7 +362,7 @@ class Machine:
         """Device id -> the top block node QEMU has for it (changes with overlays): its
         `node-name`, `file`, and `image` (format, backing chain)."""
         out = {}
-        for b in await self._monitor.execute("query-block"):
+        for b in await self._monitor.command("query-block"):
             qdev = str(b.get("qdev", ""))
             if qdev.startswith("/machine/peripheral/") and b.get("inserted"):
                 out[qdev.split("/")[3]] = b["inserted"]
@@ -388,7 +388,7 @@ class Machine:
 
     async def snapshot_disk(self, node: str, overlay: str, overlay_node: str) -> None:
         """Freeze `node`: the guest writes to a new qcow2 `overlay` on top of it."""
-        await self._monitor.execute("blockdev-snapshot-sync", {
+        await self._monitor.command("blockdev-snapshot-sync", {
             "node-name": node, "snapshot-file": overlay, "snapshot-node-name": overlay_node,
             "format": "qcow2"})
 
@@ -399,7 +399,7 @@ class Machine:
 
     async def remove_node(self, node: str) -> None:
         """Close a block node nothing uses any more."""
-        await self._monitor.execute("blockdev-del", {"node-name": node})
+        await self._monitor.command("blockdev-del", {"node-name": node})
 
     # internal snapshots (QEMU jobs)
 
@@ -420,7 +420,7 @@ class Machine:
 
     async def job_ids(self) -> list[str]:
         """The QEMU jobs that exist now (running or concluded, not dismissed)."""
-        return [str(j["id"]) for j in await self._monitor.execute("query-jobs")]
+        return [str(j["id"]) for j in await self._monitor.command("query-jobs")]
 
     async def finish_job(self, job_id: str, progress: Progress | None = None) -> None:
         """Wait for job `job_id` to conclude; dismiss it; raise its error."""
@@ -429,14 +429,14 @@ class Machine:
             while True:
                 changed = self._jobs[job_id]
                 changed.clear()  # before asking: an event from now on wakes the wait
-                job = next((j for j in await self._monitor.execute("query-jobs")
+                job = next((j for j in await self._monitor.command("query-jobs")
                             if j["id"] == job_id), None)
                 if job is None:
                     return
                 if progress is not None and job.get("total-progress"):
                     progress(job["current-progress"] / job["total-progress"])
                 if job["status"] == "concluded":
-                    await self._monitor.execute("job-dismiss", {"id": job_id})
+                    await self._monitor.command("job-dismiss", {"id": job_id})
                     if job.get("error"):
                         raise OperationFailed(f"{job['type']}: {job['error']}")
                     return
@@ -450,7 +450,7 @@ class Machine:
         # Registered before the command: its first status events may come at once.
         self._jobs[job_id] = asyncio.Event()
         try:
-            await self._monitor.execute(cmd, {"job-id": job_id, **args})
+            await self._monitor.command(cmd, {"job-id": job_id, **args})
         except BaseException:
             self._jobs.pop(job_id, None)
             raise
@@ -461,25 +461,25 @@ class Machine:
     async def save_memory(self, path: str, bandwidth: int) -> None:
         """Write the guest's memory and device state to `path` (the guest should be
         paused, so that it matches the disks)."""
-        await self._monitor.execute("migrate-set-parameters", {"max-bandwidth": bandwidth})
-        await self._monitor.execute("migrate", {"uri": f"exec:cat > {shlex.quote(path)}"})
+        await self._monitor.command("migrate-set-parameters", {"max-bandwidth": bandwidth})
+        await self._monitor.command("migrate", {"uri": f"exec:cat > {shlex.quote(path)}"})
         await self._migration_done()
 
     async def load_memory(self, path: str) -> None:
         """Load a state `save_memory` wrote into a QEMU started with -incoming defer."""
-        await self._monitor.execute("migrate-incoming",
+        await self._monitor.command("migrate-incoming",
                                     {"uri": f"exec:cat {shlex.quote(path)}"})
         await self._migration_done()
 
     async def cancel_memory_save(self) -> None:
         """Stop a memory state transfer still in progress (none: nothing happens)."""
-        status = (await self._monitor.execute("query-migrate")).get("status")
+        status = (await self._monitor.command("query-migrate")).get("status")
         if status in ("active", "setup"):
-            await self._monitor.execute("migrate_cancel")
+            await self._monitor.command("migrate_cancel")
 
     async def _migration_done(self) -> None:
         while True:
-            status = (await self._monitor.execute("query-migrate")).get("status")
+            status = (await self._monitor.command("query-migrate")).get("status")
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):

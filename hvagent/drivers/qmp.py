@@ -85,7 +85,7 @@ class Monitor:
             asyncio.create_task(self._watch_connection()),
         ]
 
-    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+    async def command(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float = QMP_TIMEOUT) -> Any:
         try:
             return await asyncio.wait_for(self._client.execute(cmd, args), timeout)
@@ -105,7 +105,7 @@ class Monitor:
 
     async def status(self) -> str:
         """QEMU's run state: running, paused, shutdown, internal-error, ..."""
-        return str((await self.execute("query-status"))["status"])
+        return str((await self.command("query-status"))["status"])
 
     async def close(self) -> None:
         """Disconnect; bounded, as a stuck QEMU may never read what is still queued."""

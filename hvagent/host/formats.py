@@ -11,7 +11,9 @@ from enum import StrEnum
 
 QEMU_IMG = "qemu-img"  # QEMU's image tool
 
-_SIZE_RE = re.compile(r"^(\d+)(?:\.(\d+))?\s*([KMGTP]?)(?:i?B)?$", re.IGNORECASE)
+# ASCII digits only, and few enough that no number is too long to convert (a 5000-digit
+# size is "not a size", not an interpreter limit).
+_SIZE_RE = re.compile(r"^([0-9]{1,24})(?:\.([0-9]{1,24}))?\s*([KMGTP]?)(?:i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
@@ -49,19 +51,20 @@ def parse_size(value: int | str, *, sectors: bool = False) -> int:
     """Bytes from 1073741824, "1G", "512M", "1.5M", "10GiB" (binary units, K to P).
     ValueError when it is no size or not a whole number of bytes; with `sectors` also
     when it is not a positive multiple of 512 bytes (as an image's size must be)."""
+    shown = value if isinstance(value, int) or len(value) <= 40 else value[:37] + "..."
     if isinstance(value, int):
         size = value
     else:
         m = _SIZE_RE.match(value.strip())
         if not m:
-            raise ValueError(f"not a size: {value!r} (examples: 512M, 10G, 1.5T)")
+            raise ValueError(f"not a size: {shown!r} (examples: 512M, 10G, 1.5T)")
         whole, frac, unit = m.group(1), m.group(2) or "", _UNITS[m.group(3).upper()]
         scaled = int(whole + frac) * unit
         size, rest = divmod(scaled, 10 ** len(frac))
         if rest:
-            raise ValueError(f"size {value!r}: not a whole number of bytes")
+            raise ValueError(f"size {shown!r}: not a whole number of bytes")
     if sectors and (size <= 0 or size % 512):
-        raise ValueError(f"size {value!r}: must be a positive multiple of 512 bytes")
+        raise ValueError(f"size {shown!r}: must be a positive multiple of 512 bytes")
     return size
 
 

@@ -39,6 +39,15 @@ def test_one_size_grammar_with_an_explicit_sector_rule() -> None:
         parse_size("10X")
 
 
+@pytest.mark.parametrize("bad", ["9" * 5000, "\u0661\u0662G", "1\x00G", "1.5 5G", ""])
+def test_a_size_that_is_no_size_is_one_short_line(bad: str) -> None:
+    # Overlong digit strings, non-ASCII digits, NUL bytes: "not a size", never an
+    # interpreter limit, and the message stays one short line.
+    with pytest.raises(ValueError, match="^not a size: ") as err:
+        parse_size(bad)
+    assert len(str(err.value)) < 120 and "\n" not in str(err.value)
+
+
 def test_disk_errors_are_agent_errors() -> None:
     assert issubclass(DiskError, InvalidRequest)
     in_use = storage.in_use("/x.qcow2")

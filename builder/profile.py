@@ -488,6 +488,9 @@ def _schema_error(doc: _Doc, path: LinePath, e: ValidationError) -> ProfileError
     return doc.error((*path, *loc), msg.removeprefix("Value error, "))
 
 
+PATH_MAX = 4095  # bytes of a path the kernel accepts (PATH_MAX less the NUL)
+
+
 def _agent(doc: _Doc, path: LinePath, v: Any) -> dict[str, str]:
     """The agent settings, checked with the agent's own schema (AgentConfig). Paths must
     be absolute here: the image's agent has no working directory to resolve them from."""
@@ -502,6 +505,11 @@ def _agent(doc: _Doc, path: LinePath, v: Any) -> dict[str, str]:
                                 f"{accels[-1]}, got {s!r}")
         elif not s.startswith("/"):
             raise doc.error((*path, k), f"expected an absolute path, got {s!r}")
+        elif len(s.encode()) > PATH_MAX or any(c.isspace() or not c.isprintable() for c in s):
+            # The paths are written into the unit (ReadWritePaths) and tmpfiles.d, whose
+            # lines split on whitespace: a space, a newline or a NUL would change them.
+            raise doc.error((*path, k), f"expected a path of printable characters without "
+                            f"spaces, at most {PATH_MAX} bytes, got {s[:60]!r}")
         out[k] = s
     try:
         AgentConfig.model_validate(out)

@@ -180,6 +180,15 @@ ERRORS = [
     ("name: x\nagent: {accel: fast}\n", "2: agent.accel: expected auto, kvm or tcg, got 'fast'"),
     ("name: x\nagent:\n  state_dir: var/lib\n",
      "3: agent.state_dir: expected an absolute path, got 'var/lib'"),
+    ("name: x\nagent:\n  storage_dir: \"/srv/vms\\nExecStart=/bin/sh\"\n",
+     "3: agent.storage_dir: expected a path of printable characters without spaces, at most "
+     "4095 bytes, got '/srv/vms\\nExecStart=/bin/sh'"),
+    ("name: x\nagent:\n  log_dir: \"/var/log/my logs\"\n",
+     "3: agent.log_dir: expected a path of printable characters without spaces, at most "
+     "4095 bytes, got '/var/log/my logs'"),
+    ("name: x\nagent:\n  run_dir: \"/r\\0n\"\n",
+     "3: agent.run_dir: expected a path of printable characters without spaces, at most "
+     "4095 bytes, got '/r\\x00n'"),
     ("name: x\nagent:\n  port: 8080\n",
      "3: agent.port: unknown key (allowed: accel, listen, state_dir, storage_dir, run_dir, "
      "log_dir)"),

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from hvagent.host import run
-from support import REPO
+from support import REPO, qemu_pids
 from support.guest import tinyguest
 
 HVAGENT = [sys.executable, "-m", "hvagent.cli.hvagent"]
@@ -73,18 +73,7 @@ class Agent:
 
     def qemu_pids(self) -> list[int]:
         """QEMU processes that belong to this agent's VMs (by their QMP socket path)."""
-        pids = []
-        marker = f"unix:{self.run_dir}/".encode()
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker in cmd and b"qemu-system" in cmd:
-                pids.append(int(d.name))
-        return pids
+        return qemu_pids(f"unix:{self.run_dir}/".encode())
 
     def ok(self, method: str, path: str, **kw: Any) -> Any:
         r = self.client.request(method, path, **kw)

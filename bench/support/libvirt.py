@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hvagent.host import run
-from support import say
+from support import qemu_pids, say
 
 KVM_DEV = Path("/dev/kvm")
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -126,19 +126,11 @@ def end_leftover_qemus(domain: str) -> list[int]:
     """SIGKILL the QEMU of libvirt domain `domain` when libvirt lost track of it: a
     revert libvirt reports as failed can leave its QEMU (started with -S) running, paused
     and orphaned, after libvirt already counts the domain as shut off."""
-    marker = f"guest={domain},".encode()  # libvirt's `-name guest=NAME,...`
     ended = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd and marker in cmd:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(d.name), signal.SIGKILL)
-                ended.append(int(d.name))
+    for pid in qemu_pids(f"guest={domain},".encode()):  # libvirt's `-name guest=NAME,...`
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            ended.append(pid)
     return ended
 
 

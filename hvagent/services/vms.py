@@ -38,9 +38,14 @@ from hvagent.services.disks import DiskService
 from hvagent.services.jobs import Jobs
 from hvagent.services.limits import check_host_limits
 from hvagent.services.networks import NetworkService
-from hvagent.spec import ACTIVE_STATES as ACTIVE
-from hvagent.spec import ANSWERING_STATES as ANSWERING
-from hvagent.spec import DEFAULT_STOP_TIMEOUT, DiskSpec, VMSpec, VMState
+from hvagent.spec import (
+    ACTIVE_STATES,
+    ANSWERING_STATES,
+    DEFAULT_STOP_TIMEOUT,
+    DiskSpec,
+    VMSpec,
+    VMState,
+)
 from hvagent.store import Store, VMRow
 
 log = logging.getLogger(__name__)
@@ -176,7 +181,7 @@ class VMService:
         """The Machine of a VM whose QEMU runs and answers (Conflict otherwise)."""
         row = await self._observe(self._row(name))
         m = self.machines.get(name)
-        if row.state not in ANSWERING or m is None:
+        if row.state not in ANSWERING_STATES or m is None:
             raise Conflict(f"{name}: not running (state {row.state})")
         return m
 
@@ -211,7 +216,7 @@ class VMService:
     async def start(self, name: str) -> VMInfo:
         with self.locks.hold(name, Operation.START):
             row = await self._observe(self._row(name), locked=True)
-            if row.state in ACTIVE:
+            if row.state in ACTIVE_STATES:
                 raise Conflict(f"{name}: already {row.state}")
             spec = VMSpec.model_validate_json(row.spec)
             # Again at start: the VM may predate the limits, or the host may have shrunk.
@@ -277,7 +282,7 @@ class VMService:
         seconds (or at once with `force`)."""
         with self.locks.hold(name, Operation.FORCE_OFF if force else Operation.STOP):
             row = await self._observe(self._row(name), locked=True)
-            if row.state not in ACTIVE:
+            if row.state not in ACTIVE_STATES:
                 raise Conflict(f"{name}: not running (state {row.state})")
             unresponsive = row.state == VMState.UNRESPONSIVE
             if unresponsive:
@@ -304,7 +309,7 @@ class VMService:
     async def reset(self, name: str) -> VMInfo:
         with self.locks.hold(name, Operation.RESET):
             row = await self._observe(self._row(name), locked=True)
-            if row.state not in ANSWERING:
+            if row.state not in ANSWERING_STATES:
                 raise Conflict(f"{name}: not running (state {row.state})")
             await self.machines.require(name).reset()
         return await self.get(name)
@@ -314,7 +319,7 @@ class VMService:
         existed before the VM are never removed. Returns the removed disk paths."""
         with self.locks.hold(name, Operation.DELETE):
             row = await self._observe(self._row(name), locked=True)
-            if row.state in ACTIVE:
+            if row.state in ACTIVE_STATES:
                 raise Conflict(f"{name}: is {row.state}; stop it first")
             spec = VMSpec.model_validate_json(row.spec)
             removed: list[str] = []
@@ -415,7 +420,7 @@ class VMService:
             # so list/get answer at once.
             if machine.is_alive(row.pid, files):
                 return row
-        if state not in ACTIVE:
+        if state not in ACTIVE_STATES:
             pid = machine.read_pid(files)
             if not machine.is_alive(pid, files):
                 return row

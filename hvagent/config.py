@@ -1,15 +1,18 @@
-"""The agent's configuration file (/etc/hvagent/hvagent.yaml): keys, defaults, loading.
+"""The agent's configuration (/etc/hvagent/hvagent.yaml and its drop-ins in
+/etc/hvagent/conf.d/): keys, defaults, loading.
 
-Every key is optional; an unknown key or a wrong type is an error naming the key.
+Every key is optional; an unknown key or a wrong type is an error naming the file and
+the key.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -20,8 +23,10 @@ from hvagent.host.kvm import Accel
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_CONFIG = Path("/etc/hvagent/hvagent.yaml")
+DROP_IN_DIR = "conf.d"  # beside the main file
 # A settings file is a few hundred bytes; anything near this is not one (alias bombs).
 MAX_SETTINGS_BYTES = 1 << 20
+SHA256_HEX = r"^[0-9a-f]{64}$"
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 
@@ -74,7 +79,12 @@ class TLSConfig(BaseModel):
 
 class AgentConfig(BaseModel):
     """The agent's settings and their defaults, stated here only: the image builder
-    validates a profile's `agent:` block with this model too."""
+    validates a profile's `agent:` block with this model too.
+
+    The agent reads /etc/hvagent/hvagent.yaml (or --config), then every
+    `conf.d/*.yaml` beside it in name order, each a partial configuration merged over
+    the result: mappings (`tls:`) key by key, scalars and lists replaced. Names that
+    start with a dot are skipped (editors' and package managers' leftovers)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,6 +97,20 @@ class AgentConfig(BaseModel):
     tls: TLSConfig = TLSConfig()
     policy: Path = Path("/etc/hvagent/policy.yaml")  # hvagent.access.policy; missing = no limits
     token_ttl: str = Field(default="90d", description="default expiry of new API tokens")
+    # The host's first boot writes it from the host config; the token itself is never
+    # on the host. At start the agent makes sure a token with this hash exists for
+    # principal `admin`, with the Administrator role on / (hvagent.access.tokens).
+    bootstrap_token_sha256: str | None = Field(
+        default=None, json_schema_extra={"pattern": SHA256_HEX},
+        description="sha256 (64 lowercase hex) of an Administrator token for `admin`")
+
+    @field_validator("bootstrap_token_sha256")
+    @classmethod
+    def _sha256(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-f]{64}", v):
+            shown = repr(v) if len(v) <= 80 else f"{v[:40]!r}... ({len(v)} characters)"
+            raise ValueError(f"{shown} is not a sha256 (64 lowercase hex digits)")
+        return v
 
     @property
     def database(self) -> Path:
@@ -119,17 +143,54 @@ class AgentConfig(BaseModel):
 
 
 def load_config(path: Path | None) -> AgentConfig:
-    """Load `path`; None means the default file if it exists, else all defaults."""
-    if path is None:
-        if not DEFAULT_CONFIG.exists():
-            return AgentConfig()
-        path = DEFAULT_CONFIG
-    return load_settings(path, AgentConfig)
+    """Load `path` and the drop-ins beside it (see AgentConfig); None means the default
+    file if it exists (its drop-ins apply either way), else all defaults."""
+    main = path if path is not None else DEFAULT_CONFIG
+    files = [main] if path is not None or DEFAULT_CONFIG.exists() else []
+    files += drop_ins(main.parent / DROP_IN_DIR)
+    data: dict[str, Any] = {}
+    config = AgentConfig()
+    # Validated after each file: a setting that breaks the result is blamed on the
+    # file that brought it.
+    for f in files:
+        data = merge_settings(data, read_settings(f))
+        config = validate_settings(f, data, AgentConfig)
+    return config
+
+
+def drop_ins(directory: Path) -> list[Path]:
+    """The *.yaml files of a drop-in directory in name order; none when it is missing."""
+    try:
+        names = sorted(e.name for e in os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise InvalidRequest(f"{directory}: not a directory of drop-in files") from None
+    except OSError as e:
+        raise InvalidRequest(f"{directory}: cannot list: {e.strerror or e}") from e
+    return [directory / n for n in names if n.endswith(".yaml") and not n.startswith(".")]
+
+
+def merge_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged over `base`: mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def load_settings(path: Path, model: type[M]) -> M:
     """A YAML settings file validated into `model`; every error is one line naming the
     file and the key."""
+    return validate_settings(path, read_settings(path), model)
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The mapping of a YAML settings file (not validated); one line naming the file
+    when it is not one."""
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_SETTINGS_BYTES + 1)
@@ -147,8 +208,15 @@ def load_settings(path: Path, model: type[M]) -> M:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise InvalidRequest(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
+    except RecursionError as e:  # a self-referencing YAML anchor
+        raise InvalidRequest(f"{path}: a YAML alias refers to itself") from e
     if not isinstance(data, dict):
         raise InvalidRequest(f"{path}: expected a mapping of settings")
+    return data
+
+
+def validate_settings(path: Path, data: dict[str, Any], model: type[M]) -> M:
+    """`data` validated into `model`; an error is one line naming `path` and the key."""
     try:
         return model.model_validate(data)
     except RecursionError as e:  # a self-referencing YAML anchor

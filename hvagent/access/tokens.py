@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from hvagent.access.policy import AclEntry, HostPolicy
+from hvagent.access.privileges import ADMINISTRATOR
 from hvagent.errors import InvalidRequest, NotFound
 from hvagent.store import Store
 from hvagent.store.access import AclRow, TokenRow
@@ -28,6 +29,9 @@ _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # The longest lifetime a token can have ("never" aside): far enough for any rotation
 # policy, near enough that every expiry is a date clients and tools can show.
 MAX_TTL_DAYS = 3650
+# Who the host config's bootstrap token (AgentConfig.bootstrap_token_sha256) acts as.
+BOOTSTRAP_PRINCIPAL = "admin"
+BOOTSTRAP_COMMENT = "bootstrap (host config)"
 
 
 class TokenStatus(StrEnum):
@@ -94,6 +98,23 @@ class Tokens:
                                        expires, None))
         return TokenInfo(tid, principal, comment, now, expires, None), token
 
+    def bootstrap(self, sha256: str, policy: HostPolicy) -> TokenInfo | None:
+        """The token of the host config (its hash only: the token is never on the host)
+        for BOOTSTRAP_PRINCIPAL, no expiry, with the Administrator role on /. Made once:
+        None when a token with this hash exists already (valid, expired or revoked: a
+        revocation stands across restarts)."""
+        if self.store.tokens.by_hash(sha256) is not None:
+            return None
+        # The grant first: a stop between the two leaves no token, so the next start
+        # makes both again (granting twice changes nothing).
+        self.grant(AclEntry(path="/", principal=BOOTSTRAP_PRINCIPAL, role=ADMINISTRATOR),
+                   policy)
+        now = time.time()
+        tid = secrets.token_hex(4)
+        self.store.tokens.add(TokenRow(tid, BOOTSTRAP_PRINCIPAL, sha256, BOOTSTRAP_COMMENT,
+                                       now, None, None))
+        return TokenInfo(tid, BOOTSTRAP_PRINCIPAL, BOOTSTRAP_COMMENT, now, None, None)
+
     def list_tokens(self) -> list[TokenInfo]:
         return [_info(r) for r in self.store.tokens.list()]
 
@@ -108,8 +129,8 @@ class Tokens:
 
     def lookup(self, token: str) -> TokenInfo | None:
         """The token a bearer string names (in any status), None when unknown."""
-        if not token.startswith(PREFIX):
-            return None
+        # Any string is looked up by its hash: a bootstrap token (see `bootstrap`) is
+        # chosen off the host and need not have the hvt_ form.
         row = self.store.tokens.by_hash(token_hash(token))
         return _info(row) if row is not None else None
 

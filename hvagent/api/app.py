@@ -5,20 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from hvagent.access.policy import load_policy
+from hvagent.access.principal import ROOT
+from hvagent.access.privileges import ADMINISTRATOR
 from hvagent.access.security import Security
 from hvagent.api import audit, auth, errors, listeners, v1
 from hvagent.config import AgentConfig, agent_version
+from hvagent.host.persistence import state_persistence
 from hvagent.services.checkpoints import CheckpointService
 from hvagent.services.devices import DeviceService
 from hvagent.services.jobs import Jobs
 from hvagent.services.vms import VMService
 from hvagent.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap_token(security: Security, sha256: str) -> None:
+    """The host config's Administrator token (by its hash), made on the first start that
+    has it and audited then; later starts find it and change nothing."""
+    info = security.tokens.bootstrap(sha256, security.policy)
+    if info is None:
+        return
+    detail = f"token {info.id} for {info.principal}: {info.comment}; granted " \
+             f"{ADMINISTRATOR} on /"
+    security.audit.record(principal=ROOT, action="hvagent bootstrap token",
+                          privilege=None, target="/", result="ok", status=201,
+                          detail=detail)
 
 
 def create_app(config: AgentConfig) -> FastAPI:
@@ -30,6 +49,13 @@ def create_app(config: AgentConfig) -> FastAPI:
         vms = VMService(config, store, jobs)
         app.state.security = security = Security(store, policy)
         vms.admission = security.admission()
+        if config.bootstrap_token_sha256:
+            bootstrap_token(security, config.bootstrap_token_sha256)
+        # Once, at start: where the open database is (a disk mounted over state_dir
+        # later would not move it).
+        app.state.persistence = persistence = state_persistence(config.state_dir)
+        for warning in persistence.warnings:
+            log.warning("%s (%s)", warning, persistence.reason)
         # Before startup: they listen to QMP events and recover interrupted work.
         app.state.devices = DeviceService(vms)
         app.state.checkpoints = CheckpointService(vms)

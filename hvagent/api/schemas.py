@@ -64,3 +64,7 @@ class AgentInfo(BaseModel):
     accel: str
     accel_reason: str
     vms: int
+    state_dir: str
+    persistent: bool = Field(description="whether the agent's state survives a power-off")
+    persistence: str = Field(description="why (the mount and file system of state_dir)")
+    warnings: list[str] = Field(description="conditions an operator should act on")

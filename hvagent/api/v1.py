@@ -27,5 +27,8 @@ router.include_router(disks.router)
 async def agent_info(request: Request,
                      svc: Annotated[VMService, Depends(vms_dep)]) -> AgentInfo:
     accel = svc.accel
+    persistence = request.app.state.persistence
     return AgentInfo(version=agent_version(), accel=str(accel.accel), accel_reason=accel.reason,
-                     vms=svc.count())
+                     vms=svc.count(), state_dir=str(svc.config.state_dir),
+                     persistent=persistence.persistent, persistence=persistence.reason,
+                     warnings=persistence.warnings)

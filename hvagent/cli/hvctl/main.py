@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from hvagent.cli.hvctl import audit, checkpoints, devices, disks, vms
+from hvagent.cli.hvctl import audit, checkpoints, devices, disks, host, vms
 from hvagent.cli.hvctl.client import Agent
 from hvagent.errors import HVError
 
@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     audit.add_parsers(top)
     checkpoints.add_parsers(top)
     disks.add_disk_parsers(top)
+    host.add_parsers(top)
     return p
 
 

@@ -39,7 +39,7 @@ MIN_TOKEN_CHARS = 32
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # useradd's portable user/group names
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -302,7 +302,7 @@ class Agent(_Model):
     @field_validator("bootstrap_token_sha256")
     @classmethod
     def _sha(cls, v: str | None) -> str | None:
-        if v is not None and not _SHA256_RE.fullmatch(v):
+        if v is not None and not SHA256_RE.fullmatch(v):
             raise ValueError("not a sha256 (64 lowercase hex digits)")
         return v
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from builder import build as build_mod
-from builder import qemu, render
+from builder import qemu, render, usb
 from builder.paths import display, image_tests_dir, profiles_dir, repo_root
 from builder.profile import FIELDS, Profile, ProfileError, list_profiles, load
 from builder.progress import Progress
@@ -133,6 +133,15 @@ def parser() -> argparse.ArgumentParser:
                            help="do not copy the serial console to the terminal")
         else:
             s.epilog = "Arguments after -- go to pytest, e.g. corehost test IMAGE -- -k ssh"
+
+    s = sub.add_parser("write-usb", help="write a usb image onto a USB stick, verified")
+    s.add_argument("image", type=Path, help="the build's usb output "
+                   "(out/<profile>/<profile>.usb.img)")
+    s.add_argument("device", type=Path,
+                   help="a whole disk: /dev/sdX or /dev/disk/by-id/usb-...")
+    s.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a host config document, placed as corehost.yaml on the stick's "
+                   "COREHOST-CFG partition")
     return p
 
 
@@ -337,7 +346,28 @@ def cmd_test(args: argparse.Namespace) -> int:
         return rc
 
 
-COMMANDS = {"profiles": cmd_profiles, "build": cmd_build, "boot": cmd_boot, "test": cmd_test}
+# ---------------------------------------------------------------- write-usb
+
+
+def cmd_write_usb(args: argparse.Namespace) -> int:
+    try:
+        written = usb.write(args.image, args.device, config=args.config)
+    except usb.WriteFailed as e:
+        print(f"corehost: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except usb.Interrupted as e:
+        _say(f"corehost: {e}")
+        return 128 + e.signum
+    print(f"sha256 {written.sha256}")
+    print(f"verified: {args.device} holds {args.image} ({written.size} bytes)")
+    if written.config_partition is not None:
+        print(f"config: {args.config} is {usb.CONFIG_FILE} on partition "
+              f"{written.config_partition.number} ({usb.CONFIG_PARTITION}), read back")
+    return 0
+
+
+COMMANDS = {"profiles": cmd_profiles, "build": cmd_build, "boot": cmd_boot, "test": cmd_test,
+            "write-usb": cmd_write_usb}
 
 
 if __name__ == "__main__":

@@ -421,9 +421,11 @@ class ByteProgress:
         while self._next_tenth <= 10 and self.done * 10 >= self._next_tenth * self.total:
             took = time.monotonic() - self.started
             rate = self.done / took / 2**20 if took > 0 else 0.0
-            print(f"[{took:6.1f}s] {self.title}: {self._next_tenth * 10}% "
-                  f"({_mib(self.done)} of {_mib(self.total)}, {rate:.0f} MiB/s)",
-                  file=sys.stderr, flush=True)
+            # One write per line: print() writes the newline separately, and a Ctrl-C
+            # between the two would glue the next message onto this line.
+            sys.stderr.write(f"[{took:6.1f}s] {self.title}: {self._next_tenth * 10}% "
+                             f"({_mib(self.done)} of {_mib(self.total)}, {rate:.0f} MiB/s)\n")
+            sys.stderr.flush()
             self._next_tenth += 1
 
 

@@ -43,7 +43,7 @@ class BuildResult:
 def plan(profile: Profile) -> tuple[list[Path], bool, inputs.Inputs]:
     """(element closure, whether the agent wheels are needed, input hash)."""
     try:
-        closure = render.element_closure([*profile.elements, render.OVERLAY_DEPS])
+        closure = render.element_closure([*profile.build_elements, render.OVERLAY_DEPS])
     except render.RenderError as e:
         raise profile.error("elements", str(e)) from None
     with_agent = any(p.name == "hvagent" for p in closure)
@@ -98,7 +98,8 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                 kpartx = hostcompat.ensure_kpartx()
             except (OSError, RuntimeError) as e:
                 raise BuildError(f"this host has no device-mapper and {e}") from None
-            progress.note(f"disk-image-create: {' '.join(profile.elements)} (kpartx: {kpartx})")
+            elements = " ".join(profile.build_elements)
+            progress.note(f"disk-image-create: {elements} (kpartx: {kpartx})")
             try:
                 with progress:
                     dib.run_dib(cmd, log_path, progress)
@@ -108,7 +109,7 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                 raise BuildError(f"{e}; full log: {display(kept)}") from None
             progress.note("converting outputs and writing manifest.json")
             try:
-                artifacts = outputs.produce(profile, Path(f"{dib_base}.qcow2"), result)
+                artifacts, bundle = outputs.produce(profile, dib_base, result)
             except outputs.OutputError as e:
                 raise BuildError(str(e)) from None
             manifest = {
@@ -116,6 +117,7 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                 "elements": [p.name for p in closure],
                 "packages": outputs.read_dpkg_manifest(dib_base),
                 "artifacts": artifacts,
+                **({"pxe": bundle} if bundle else {}),
                 "build": {
                     "started": started_at,
                     "duration_s": round(time.monotonic() - started, 1),

@@ -100,7 +100,7 @@ def dib_command(profile: Profile, build_dir: Path, apt_dir: Path = Path("/etc/ap
         argv += ["--image-size", profile.image_size_gb]
     if profile.packages:
         argv += ["-p", ",".join(profile.packages)]
-    argv += [*profile.elements, OVERLAY]
+    argv += [*profile.build_elements, OVERLAY]
     return DibCommand(argv, env)
 
 

@@ -1,8 +1,11 @@
-"""Build outputs: artifacts converted from DIB's qcow2, and manifest.json.
+"""Build outputs: artifacts converted from DIB's qcow2, the PXE bundle, and manifest.json.
 
+Every disk output is the same hybrid GPT disk (elements/block-device-hybrid: BIOS and UEFI).
 qcow2 is DIB's own (already compressed); raw, vhd (dynamic, force_size=on so the size
-is not rounded to CHS geometry), vhdx and usb (a dd-able raw image that boots with BIOS)
-are made with `qemu-img convert`. manifest.json records the resolved profile, the
+is not rounded to CHS geometry), vhdx and usb (the raw disk, dd-able onto a stick) are
+made with `qemu-img convert`; VHD and VHDX are then checked with `hvdisk check` (qemu-img
+cannot check VHD). `pxe` is a directory (builder.pxe) whose files are artifacts of
+their own (`pxe.kernel`, `pxe.rootfs`, ...). manifest.json records the resolved profile, the
 elements, the installed packages (DIB's dpkg manifest), each artifact's sha256 and
 size, the build duration and the input hash (builder.inputs) that decides whether a
 rebuild is needed.
@@ -13,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from builder import pxe
 from builder.inputs import Inputs, changed_inputs
 from builder.profile import OutputFormat, Profile
 from hvagent.host import run
@@ -53,11 +58,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def produce(profile: Profile, qcow2: Path, dest: Path) -> dict[str, dict[str, Any]]:
-    """Write every requested artifact into dest; returns {format: {file, sha256, size}}."""
-    made: dict[OutputFormat, Path] = {}
+def produce(profile: Profile, dib_base: Path, dest: Path) -> tuple[dict[str, dict[str, Any]],
+                                                                    dict[str, Any] | None]:
+    """Write every requested artifact into dest from DIB's output at dib_base (.qcow2,
+    and for pxe .vmlinuz, .initrd, .rootfs.squashfs). Returns ({artifact: {file,
+    sha256, size}}, the pxe bundle's description or None)."""
+    qcow2 = Path(f"{dib_base}.qcow2")
+    made: dict[str, Path] = {}
+    bundle = None
     for fmt in profile.outputs:
         target = dest / artifact_name(profile, fmt)
+        if fmt is OutputFormat.PXE:
+            try:
+                bundle = pxe.make_bundle(profile.name, profile.kernel_cmdline, dib_base,
+                                         dest / "pxe")
+            except (pxe.PxeError, OSError) as e:
+                raise OutputError(str(e)) from None
+            for role, rel in bundle["files"].items():
+                made[f"pxe.{role}"] = dest / "pxe" / rel
+            continue
         if fmt is OutputFormat.QCOW2:
             os.link(qcow2, target) if _same_fs(qcow2, dest) else _copy(qcow2, target)
         elif fmt is OutputFormat.USB and OutputFormat.RAW in made:
@@ -74,11 +93,26 @@ def produce(profile: Profile, qcow2: Path, dest: Path) -> dict[str, dict[str, An
                 raise OutputError(str(e)) from None
             if done.returncode != 0:
                 raise OutputError(f"qemu-img convert to {fmt} failed: {done.err.strip()}")
+            if disk in (DiskFormat.VPC, DiskFormat.VHDX):
+                check_disk(target)
         made[fmt] = target
     return {
-        str(fmt): {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}
-        for fmt, path in made.items()
-    }
+        str(key): {"file": str(path.relative_to(dest)), "sha256": sha256_file(path),
+                   "size": path.stat().st_size}
+        for key, path in made.items()
+    }, bundle
+
+
+def check_disk(image: Path) -> None:
+    """The disk tool's check (VHD footer and BAT, VHDX headers and log) on a new output."""
+    try:
+        done = run.run([sys.executable, "-m", "hvagent.cli.hvdisk", "check", image],
+                       timeout=CONVERT_TIMEOUT, check=False, what="hvdisk check")
+    except run.ProcessFailed as e:
+        raise OutputError(str(e)) from None
+    if done.returncode != 0:
+        detail = (done.err or done.out).strip().splitlines()
+        raise OutputError(f"{image.name}: hvdisk check failed: {detail[-1] if detail else ''}")
 
 
 def _same_fs(a: Path, b: Path) -> bool:

@@ -54,10 +54,9 @@ class OutputFormat(StrEnum):
     PXE = "pxe"
 
 
-# Formats the builder can produce today; `pxe` is a known name that is rejected clearly.
-SUPPORTED_OUTPUTS = (
-    OutputFormat.QCOW2, OutputFormat.RAW, OutputFormat.VHD, OutputFormat.VHDX, OutputFormat.USB,
-)
+# Elements an output needs, appended to the profile's own: the pxe bundle needs the
+# diskless boot script in the initramfs and the squashfs written at the end of the build.
+OUTPUT_ELEMENTS: dict[OutputFormat, tuple[str, ...]] = {OutputFormat.PXE: ("pxe",)}
 
 
 class Merge(StrEnum):
@@ -125,6 +124,12 @@ class Profile:
     test_access: bool
     # Where each top-level field got its value: (file, line), for later error messages.
     locations: Mapping[str, tuple[Path, int]] = field(compare=False, repr=False)
+
+    @property
+    def build_elements(self) -> tuple[str, ...]:
+        """The profile's elements plus what its outputs need (OUTPUT_ELEMENTS)."""
+        extra = [e for fmt in self.outputs for e in OUTPUT_ELEMENTS.get(fmt, ())]
+        return tuple(dict.fromkeys([*self.elements, *extra]))
 
     @property
     def image_size_gb(self) -> str | None:
@@ -438,8 +443,6 @@ def _outputs(doc: _Doc, path: LinePath, v: Any) -> list[OutputFormat]:
         except ValueError:
             raise doc.error((*path, i), f"unknown output {n!r} (choose from "
                             f"{', '.join(o.value for o in OutputFormat)})") from None
-        if fmt not in SUPPORTED_OUTPUTS:
-            raise doc.error((*path, i), f"output {n!r} is not supported yet")
         if fmt not in out:
             out.append(fmt)
     return out
@@ -577,7 +580,7 @@ FIELDS: tuple[Field, ...] = (
           f"Disk size, e.g. 3G (DIB --image-size), at most {MAX_IMAGE_SIZE}; unset lets DIB "
           "size it to fit."),
     Field("outputs", _outputs, Merge.OVERRIDE, [OutputFormat.QCOW2],
-          "Artifacts: qcow2, raw, vhd, vhdx, usb (pxe: not supported yet)."),
+          "Artifacts: qcow2, raw, vhd, vhdx, usb (BIOS + UEFI), pxe (diskless bundle)."),
     Field("users", _users, Merge.BY_NAME, [],
           "Users: [{name, ssh_keys, groups, sudo}], merged by name."),
     Field("kernel_cmdline", _cmdline, Merge.OVERRIDE, "",

@@ -9,6 +9,8 @@ PKGS=(
   util-linux sudo kmod procps fdisk
   # booting images and child VMs
   qemu-system-x86 ovmf openssh-client
+  # the hybrid (BIOS + UEFI) disk and the PXE bundle: GRUB for EFI, iPXE loaders, cpio
+  grub-efi-amd64-bin ipxe
   # offline disk tooling
   mtools e2tools fuse3 qemu-block-extra zstd
   # tiny test guests and network tests

@@ -163,7 +163,6 @@ ERRORS = [
     ("name: x\nimage_size: 3GB\n", "2: image_size: expected a size like 3G or 512M, got '3GB'"),
     ("name: x\noutputs: [qcow2, iso]\n",
      "2: outputs[1]: unknown output 'iso' (choose from qcow2, raw, vhd, vhdx, usb, pxe)"),
-    ("name: x\noutputs: [pxe]\n", "2: outputs[0]: output 'pxe' is not supported yet"),
     ("name: x\noutputs: []\n", "2: outputs: expected at least one output format"),
     ("name: x\nusers: admin\n", "2: users: expected a list of users, got a string"),
     ("name: x\nusers:\n  - groups: [adm]\n", "3: users[0]: each user needs a name"),

@@ -76,9 +76,8 @@ terminal_input serial console
 terminal_output serial console
 set timeout=1
 set corehost_base="($root)"
-if [ -f "$prefix/site.cfg" ]; then
-    source "$prefix/site.cfg"
-fi
+# GRUB cannot test -f over TFTP: a missing site.cfg only prints "file not found".
+source "$prefix/site.cfg"
 menuentry "corehost {name} (diskless)" {{
     echo "corehost {name}: loading the diskless host from $corehost_base"
     linux "$corehost_base/{k}" {cmdline(extra_cmdline)} $corehost_append

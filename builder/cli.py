@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +27,8 @@ from builder.paths import display, image_tests_dir, profiles_dir, repo_root
 from builder.profile import FIELDS, Profile, ProfileError, list_profiles, load
 from builder.progress import Progress
 from hvagent.errors import InvalidRequest
+from hvagent.host import run
+from hvagent.host.formats import DISK_FORMAT_LABELS, DiskFormat
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -116,7 +117,24 @@ def parser() -> argparse.ArgumentParser:
     for name, helptext in (("boot", "boot an image headless until Ctrl-C"),
                            ("test", "boot an image and run tests/image/ against it")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("image", type=Path)
+        s.add_argument("image", type=Path, nargs="?", default=None,
+                       help="a disk image: qcow2, raw, vhd, vhdx or the usb image")
+        s.add_argument("--pxe", type=Path, default=None, metavar="DIR",
+                       help="network-boot this PXE bundle (out/<profile>/pxe/) instead")
+        s.add_argument("--firmware", choices=[str(f) for f in qemu.Firmware], default="bios",
+                       help="bios (SeaBIOS, default) or uefi (OVMF)")
+        s.add_argument("--usb", action="store_true",
+                       help="attach the image as a USB stick (xHCI) instead of virtio")
+        s.add_argument("--format", choices=DISK_FORMAT_LABELS, default=None,
+                       help="the image's format, instead of what qemu-img detects")
+        s.add_argument("--disk", type=Path, action="append", default=[], metavar="FILE",
+                       dest="disks", help="an extra virtio disk whose writes are kept "
+                       "(repeatable), e.g. one labelled COREHOST-DATA")
+        s.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="a host config document for first boot (fw_cfg; over HTTP "
+                       "with --pxe)")
+        s.add_argument("--append", default="", metavar="ARGS",
+                       help="with --pxe: added to the kernel command line")
         s.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
         s.add_argument("--memory", type=_positive, default=2048, metavar="MIB")
         s.add_argument("--cpus", type=_positive, default=2, metavar="N")
@@ -126,13 +144,15 @@ def parser() -> argparse.ArgumentParser:
                        help="seconds to wait for ssh")
         if name == "boot":
             s.add_argument("--ssh-key", type=Path, default=None, metavar="PUB",
-                           help="public key handed to the guest via fw_cfg (test-access images)")
+                           help="public key for root, added to the host config document "
+                           "(test-access images)")
             s.add_argument("--snapshot", action="store_true",
                            help="throw writes away (the image file stays unchanged)")
             s.add_argument("--no-console", action="store_true",
                            help="do not copy the serial console to the terminal")
         else:
-            s.epilog = "Arguments after -- go to pytest, e.g. corehost test IMAGE -- -k ssh"
+            s.epilog = ("Arguments after -- go to pytest, e.g. corehost test IMAGE -- -k ssh. "
+                        "The tests find how the host was booted in COREHOST_BOOT (JSON).")
 
     s = sub.add_parser("write-usb", help="write a usb image onto a USB stick, verified")
     s.add_argument("image", type=Path, help="the build's usb output "
@@ -248,20 +268,22 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _boot_options(args: argparse.Namespace, **extra: object) -> qemu.BootOptions:
-    if not args.image.is_file():
-        raise UsageError(f"{args.image}: no such image")
-    return qemu.BootOptions(image=args.image, accel=args.accel, memory=args.memory,
-                            cpus=args.cpus, serial_log=args.serial_log, **extra)  # type: ignore[arg-type]
+    # qemu.check_options (run by Machine) states every clash and missing file once.
+    return qemu.BootOptions(
+        image=args.image, pxe=args.pxe, firmware=qemu.Firmware(args.firmware), usb=args.usb,
+        format=DiskFormat(args.format) if args.format else None, disks=list(args.disks),
+        config=args.config, append=args.append, accel=args.accel, memory=args.memory,
+        cpus=args.cpus, serial_log=args.serial_log, **extra)  # type: ignore[arg-type]
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    if args.ssh_key is not None and not args.ssh_key.is_file():
-        raise UsageError(f"--ssh-key {args.ssh_key}: no such file")
     machine = qemu.Machine(_boot_options(args, ssh_key=args.ssh_key, snapshot=args.snapshot))
     print(f"accelerator: {machine.accel.accel} ({machine.accel.reason})", file=sys.stderr)
     machine.start()
     key = f"-i {args.ssh_key.with_suffix('')} " if args.ssh_key else ""
-    print(f"serial console: {machine.serial_log}\n"
+    served = (f"pxe: {display(args.pxe)} served on http://127.0.0.1:{machine.http_port}/\n"
+              if args.pxe is not None else "")
+    print(f"serial console: {machine.serial_log}\n{served}"
           f"ssh: ssh {key}-p {machine.ssh_port} -o StrictHostKeyChecking=no "
           f"-o UserKnownHostsFile=/dev/null root@127.0.0.1\nCtrl-C powers the guest off",
           file=sys.stderr, flush=True)
@@ -309,21 +331,28 @@ Host *
 """
 
 
+# The whole image suite, and the two short ssh helpers around it.
+IMAGE_TESTS_TIMEOUT = 3600.0
+SSH_HELPER_TIMEOUT = 60.0
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     tests = image_tests_dir()
     if not tests.is_dir():
         raise UsageError(f"{display(tests)}: no image tests found")
     extra = list(args.pytest_args)
+    opts = _boot_options(args, snapshot=True, no_reboot=True)
+    qemu.check_options(opts)  # before a key is made for a boot that cannot happen
+    booting = display(args.image if args.image is not None else args.pxe)
     with tempfile.TemporaryDirectory(prefix="corehost-test-") as tmp:
         key = Path(tmp) / "id_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "corehost-test",
-                        "-f", str(key)], check=True)
-        opts = _boot_options(args, ssh_key=key.with_suffix(".pub"), snapshot=True,
-                             no_reboot=True)
+        run.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "corehost-test",
+                 "-f", key], timeout=SSH_HELPER_TIMEOUT)
+        opts.ssh_key = key.with_suffix(".pub")
         machine = qemu.Machine(opts)
         print(f"accelerator: {machine.accel.accel} ({machine.accel.reason})", file=sys.stderr)
         with machine:
-            print(f"booting {display(args.image)}; serial console: {machine.serial_log}",
+            print(f"booting {booting}; serial console: {machine.serial_log}",
                   file=sys.stderr, flush=True)
             took = machine.wait_for_ssh(key, timeout=args.timeout)
             print(f"ssh ready on 127.0.0.1:{machine.ssh_port} after {took:.0f}s",
@@ -333,17 +362,31 @@ def cmd_test(args: argparse.Namespace) -> int:
             cmd = [sys.executable, "-m", "pytest", str(tests),
                    f"--hosts=ssh://root@127.0.0.1:{machine.ssh_port}",
                    f"--ssh-config={config}", "-p", "no:cacheprovider", *extra]
-            env = {**os.environ, "COREHOST_IMAGE": str(args.image.resolve()),
+            env = {**os.environ,
+                   "COREHOST_IMAGE": str((args.image or args.pxe).resolve()),
                    "COREHOST_SERIAL_LOG": str(machine.serial_log),
                    # what the guest was booted with, for the image tests to check
                    "COREHOST_ACCEL": str(machine.accel.accel),
-                   "COREHOST_ACCEL_REASON": machine.accel.reason}
-            rc = subprocess.run(cmd, cwd=repo_root(), env=env).returncode
+                   "COREHOST_ACCEL_REASON": machine.accel.reason,
+                   "COREHOST_BOOT": json.dumps(machine.booted())}
+            rc = _run_image_tests(cmd, env)
             # End the shared ssh connection before the guest goes away.
-            subprocess.run(["ssh", "-F", str(config), "-p", str(machine.ssh_port), "-O", "exit",
-                            "127.0.0.1"], capture_output=True)
+            run.run(["ssh", "-F", config, "-p", str(machine.ssh_port), "-O", "exit",
+                     "127.0.0.1"], timeout=SSH_HELPER_TIMEOUT, check=False)
         print(f"image tests: pytest exit {rc}", file=sys.stderr)
         return rc
+
+
+def _run_image_tests(cmd: list[str], env: dict[str, str]) -> int:
+    """pytest on the terminal (its output is the report); bounded, never left running."""
+    proc = run.spawn(cmd, stdout=None, stderr=None, cwd=repo_root(), env=env)
+    try:
+        return proc.wait(IMAGE_TESTS_TIMEOUT)
+    except run.TimeoutExpired:
+        raise qemu.BootError(f"image tests still running after {IMAGE_TESTS_TIMEOUT:.0f}s; "
+                             "stopped") from None
+    finally:
+        run.stop(proc)
 
 
 # ---------------------------------------------------------------- write-usb

@@ -116,7 +116,8 @@ def fetch(url: str, sha256: str | None, *, retry_s: float = FETCH_RETRY_S) -> Do
                 raw = resp.read(hostconfig.MAX_BYTES + 1)
             break
         except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
+            reason = (f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError)
+                      else getattr(e, "reason", None) or e)
             if time.monotonic() >= deadline:
                 raise HostConfigError(f"{source}: cannot fetch within {retry_s:g} s: "
                                       f"{reason}") from None

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from hvagent.errors import HVError
+from hvagent.errors import HVError, OperationFailed
 from hvagent.host import hostconfig
 from hvagent.host.hostconfig import HostConfig, HostConfigError
 from hvagent.host.run import run
@@ -50,6 +50,8 @@ NETWORK_DIR = Path("etc/systemd/network")
 NETWORK_PREFIX = "10-host-config-"  # sorts before the image's 80-dhcp.network
 TIMESYNCD_DROP_IN = Path("etc/systemd/timesyncd.conf.d/50-host-config.conf")
 AGENT_DROP_IN = Path("etc/hvagent/conf.d/50-host-config.yaml")
+# Not on PATH in Debian: it lives with systemd's other helpers.
+NETWORK_WAIT_ONLINE = "/usr/lib/systemd/systemd-networkd-wait-online"
 NETWORK_WAIT_S = 90
 FETCH_RETRY_S = 60.0
 FETCH_TIMEOUT_S = 10.0
@@ -138,9 +140,13 @@ def from_cmdline() -> Document | None:
     url, sha = parse_cmdline(text)
     if url is None:
         return None
-    wait = run(["systemd-networkd-wait-online", "--any", f"--timeout={NETWORK_WAIT_S}"],
-               timeout=NETWORK_WAIT_S + 10, check=False)
-    if wait.returncode != 0:
+    try:
+        wait = run([NETWORK_WAIT_ONLINE, "--any", f"--timeout={NETWORK_WAIT_S}"],
+                   timeout=NETWORK_WAIT_S + 10, check=False).returncode
+    except HVError as e:  # not installed, or hung: the fetch's own retries still apply
+        log(f"warning: {e.message}")
+        wait = 1
+    if wait != 0:
         log(f"no network online after {NETWORK_WAIT_S} s; fetching {url} anyway")
     return fetch(url, sha)
 
@@ -442,7 +448,10 @@ def apply(p: Plan) -> None:
         run(argv, timeout=60)
     passwd = _read_db(_under(p.root, "/etc/passwd"))
     for name, data in p.keys:
-        fields = passwd[name]
+        fields = passwd.get(name)
+        if fields is None or len(fields) < 6 or not fields[2].isdigit():
+            raise OperationFailed(f"user {name}: not in {_under(p.root, '/etc/passwd')} "
+                                  "after useradd")
         uid, gid, home = int(fields[2]), int(fields[3]), _under(p.root, fields[5])
         if not home.exists():  # an image without root's home, a user without one
             home.mkdir(mode=0o700, parents=True)

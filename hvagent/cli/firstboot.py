@@ -83,7 +83,9 @@ def parse_cmdline(text: str) -> tuple[str | None, str | None]:
 
 
 def _kernel_words(text: str) -> list[str]:
-    words, cur, quoted, started = [], [], False, False
+    words: list[str] = []
+    cur: list[str] = []
+    quoted = started = False
     for c in text:
         if c == '"':
             quoted, started = not quoted, True

@@ -86,6 +86,15 @@ def make_image(path: Path, size: int) -> Path:
     return path
 
 
+def mkfs(dev: str, tmp_path: Path) -> None:
+    """An ext4 with a directory sub/, mounted read-only by the tests: a read-write ext4
+    writes to its device in the background (lazy init, journal), so hashes would move."""
+    content = tmp_path / "fs-content"
+    (content / "sub").mkdir(parents=True, exist_ok=True)
+    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d", content,
+       dev)
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image(tmp_path_factory.mktemp("image") / "ci.usb.img", 64 * MiB)
@@ -190,8 +199,8 @@ def test_config_lands_on_the_cfg_partition(image: Path, target: Callable[..., st
 def test_a_mounted_device_is_refused(image: Path, target: Callable[..., str],
                                      loops: Loops, tmp_path: Path) -> None:
     dev = target()
-    sh("mkfs.ext4", "-q", "-F", dev)
-    loops.mount(dev, tmp_path / "mnt")
+    mkfs(dev, tmp_path)
+    loops.mount(dev, tmp_path / "mnt", "-o", "ro")
     before = sha256(dev, 96 * MiB)
 
     line = assert_refused(corehost("write-usb", image, dev), "is mounted on", "unmount")
@@ -205,22 +214,21 @@ def test_a_mounted_device_is_found_by_its_number(how: str, image: Path,
                                                  target: Callable[..., str], loops: Loops,
                                                  tmp_path: Path) -> None:
     dev = target()
-    sh("mkfs.ext4", "-q", "-F", dev)
+    mkfs(dev, tmp_path)
     given = dev
     if how == "symlink":  # like /dev/disk/by-id/usb-...
-        loops.mount(dev, tmp_path / "mnt")
+        loops.mount(dev, tmp_path / "mnt", "-o", "ro")
         given = str(tmp_path / "usb-Stick_0123")
         os.symlink(dev, given)
     elif how == "bind mount only":
-        loops.mount(dev, tmp_path / "mnt")
-        (tmp_path / "mnt" / "sub").mkdir()
+        loops.mount(dev, tmp_path / "mnt", "-o", "ro")
         loops.mount(tmp_path / "mnt" / "sub", tmp_path / "bound", "--bind")
         sh("umount", tmp_path / "mnt")
     else:  # mountinfo's source names a node that no longer exists; only 7:N is left
         st = os.stat(dev)
         node = tmp_path / "node"
         os.mknod(node, 0o600 | 0o060000, st.st_rdev)
-        loops.mount(node, tmp_path / "mnt")
+        loops.mount(node, tmp_path / "mnt", "-o", "ro")
         node.unlink()
     before = sha256(dev, 96 * MiB)
 
@@ -236,13 +244,13 @@ def partitioned(tmp_path: Path, loops: Loops) -> str:
     sh("sgdisk", "-n1:2048:+32M", "-t1:8300", backing)
     dev = loops.attach(backing)
     loops.partitions(dev)
-    sh("mkfs.ext4", "-q", "-F", f"{dev}p1")
+    mkfs(f"{dev}p1", tmp_path)
     return dev
 
 
 def test_a_disk_with_a_mounted_partition_is_refused(image: Path, partitioned: str,
                                                     loops: Loops, tmp_path: Path) -> None:
-    loops.mount(f"{partitioned}p1", tmp_path / "mnt")
+    loops.mount(f"{partitioned}p1", tmp_path / "mnt", "-o", "ro")
     before = sha256(partitioned, 96 * MiB)
 
     assert_refused(corehost("write-usb", image, partitioned),

@@ -279,6 +279,17 @@ def test_a_device_in_use_is_refused(image: Path, target: Callable[..., str]) -> 
     assert sha256(dev, 96 * MiB) == before
 
 
+def test_a_device_used_as_swap_is_refused(image: Path, target: Callable[..., str],
+                                          loops: Loops) -> None:
+    dev = target()
+    sh("mkswap", "-q", dev)
+    if runner.run(["swapon", dev], timeout=TIMEOUT, check=False).returncode != 0:
+        pytest.skip("swapon is not allowed here")
+    loops.stack.callback(sh, "swapoff", dev)
+
+    assert_refused(corehost("write-usb", image, dev), "is used as swap", "swapoff")
+
+
 def test_a_too_small_device_is_refused(image: Path, target: Callable[..., str]) -> None:
     dev = target(size=image.stat().st_size - MiB)
     before = sha256(dev, image.stat().st_size - MiB)
@@ -435,3 +446,21 @@ def test_an_interrupted_write_says_the_device_is_partially_written(
         f"corehost: interrupted: {dev} is partially written"
     assert b"verified" not in out
     assert sha256(dev, size) != sha256(big_image, size)
+
+
+def test_a_stick_that_does_not_hold_the_image_fails_verification(
+        image: Path, target: Callable[..., str]) -> None:
+    # A stick that lost a write: the image with one byte changed at a known place.
+    dev = target()
+    size = image.stat().st_size
+    flipped = 30 * MiB + 12345
+    with image.open("rb") as src, open(dev, "r+b") as stick:
+        stick.write(src.read())
+        stick.seek(flipped)
+        src.seek(flipped)
+        stick.write(bytes([src.read(1)[0] ^ 0xFF]))
+        stick.flush()
+        os.fsync(stick.fileno())
+        progress = usb.ByteProgress("verify", size, terminal=False)
+        with pytest.raises(usb.WriteFailed, match=rf"^verify failed at byte {flipped} "):
+            usb._verify(image, dev, stick.fileno(), size, sha256(image, size), 512, progress)

@@ -253,12 +253,9 @@ class Machine:
         self.ssh_port = free_port()
         self.accel: AccelChoice = choose_accel(opts.accel)
         self.http: _Server | None = _Server(self.served) if opts.pxe else None
+        self.http_port = self.http.port if self.http is not None else None
         self.proc: run.Popen[Any] | None = None
         self._formats: dict[Path, str] = {}
-
-    @property
-    def http_port(self) -> int | None:
-        return self.http.port if self.http is not None else None
 
     def _format(self, disk: Path) -> str:
         if disk not in self._formats:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import socket
 import sys
@@ -29,46 +28,17 @@ import time
 from pathlib import Path
 
 import yaml
+from support import say
+from support.boot import agent_started, timed
 
 from builder import dib, mirrors, qemu
 from builder.paths import elements_dir, repo_root
 from builder.profile import Profile, load
 from builder.render import element_closure
-from hvagent.host import run
 
 TARGET_COLD = 1.10
 TARGET_SIZE = 0.55
 TARGET_BOOT = 1.20
-# systemd's status line on the serial console once the agent's unit is active
-# (after its colour codes are stripped).
-AGENT_STARTED = "Started hvagent.service"
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# Bound on one build (a cold build takes many minutes, far less than this).
-BUILD_TIMEOUT = 3 * 3600.0
-
-
-def say(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def timed(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> float:
-    say("$ " + " ".join(cmd))
-    start = time.monotonic()
-    with open(log or os.devnull, "w") as out:
-        # spawn, not run: the build's stdout and stderr go together into the log.
-        proc = run.spawn(cmd, env=env, stdout=out, stderr=run.STDOUT, cwd=repo_root())
-        try:
-            returncode = proc.wait(timeout=BUILD_TIMEOUT)
-        except run.TimeoutExpired:
-            sys.exit(f"bench: {cmd[0]} did not finish within {BUILD_TIMEOUT:g} s; log: {log}")
-        finally:
-            if proc.poll() is None:  # timed out or interrupted: end the build
-                run.stop(proc)
-    took = time.monotonic() - start
-    if returncode != 0:
-        sys.exit(f"bench: {cmd[0]} failed (exit {returncode}); log: {log}")
-    say(f"  {took:.1f}s")
-    return took
 
 
 def package_list(profile: Profile) -> list[str]:
@@ -135,13 +105,6 @@ def sshd_answers(port: int) -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
             s.settimeout(3)
             return s.recv(64).startswith(b"SSH-")
-    except OSError:
-        return False
-
-
-def agent_started(machine: qemu.Machine) -> bool:
-    try:
-        return AGENT_STARTED in ANSI.sub("", machine.serial_log.read_text(errors="replace"))
     except OSError:
         return False
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from testinfra.host import Host
 
 
+@pytest.mark.smoke
 def test_hvagent_enabled_and_active(host: Host) -> None:
     agent = host.service("hvagent")
     assert agent.is_enabled

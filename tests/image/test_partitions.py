@@ -39,6 +39,7 @@ def host_kernel(host: Host) -> tuple[str, str]:
     return kernels[-1], initrd
 
 
+@pytest.mark.needs_disk  # the child boots the host's /boot kernel
 def test_child_vm_boots_the_hosts_kernel(host: Host, child: str) -> None:
     kernel, initrd = host_kernel(host)
     create = host.run(
@@ -81,6 +82,7 @@ def test_unit_may_write_the_storage_dir(host: Host) -> None:
     assert storage in writable, shown
 
 
+@pytest.mark.needs_disk  # the child boots the host's /boot kernel
 def test_child_vm_disk_is_created_in_the_storage_dir(host: Host, child: str) -> None:
     storage = agent_config(host)["storage_dir"]
     kernel, initrd = host_kernel(host)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatch
 
+import pytest
 from testinfra.host import Host
 
 GUI_PACKAGES = (
@@ -25,10 +26,12 @@ def test_no_gui_package_installed(host: Host) -> None:
     assert gui == []
 
 
+@pytest.mark.smoke
 def test_default_target_is_multi_user(host: Host) -> None:
     assert host.check_output("systemctl get-default") == "multi-user.target"
 
 
+@pytest.mark.smoke
 def test_no_failed_units(host: Host) -> None:
     out = host.check_output("systemctl --failed --plain --no-legend")
     assert out.strip() == ""

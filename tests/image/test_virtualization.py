@@ -31,12 +31,14 @@ def cpu_vendor_module(host: Host) -> str:
     pytest.fail("neither svm nor vmx in /proc/cpuinfo: the CPU exposes no virtualization")
 
 
+@pytest.mark.smoke
 def test_cpu_exposes_svm_or_vmx(host: Host) -> None:
     flags = cpu_flags(host)
     assert flags, "no flags line in /proc/cpuinfo"
     assert all("svm" in f or "vmx" in f for f in flags)
 
 
+@pytest.mark.smoke
 def test_kvm_modules_loaded_with_nesting(host: Host) -> None:
     vendor = cpu_vendor_module(host)
     modules = host.file("/proc/modules").content_string.split("\n")
@@ -46,6 +48,7 @@ def test_kvm_modules_loaded_with_nesting(host: Host) -> None:
     assert nested in ("1", "Y")
 
 
+@pytest.mark.smoke
 def test_dev_kvm_creates_a_vm(host: Host) -> None:
     assert host.run("test -c /dev/kvm").rc == 0, "/dev/kvm is not a character device"
     out = host.check_output(f'python3 -c "{CREATE_VM}"')

@@ -38,7 +38,8 @@ def test_every_format_holds_the_same_disk(every_output: Path, tiny_qcow2: Path,
                                           tmp_path: Path) -> None:
     dest = tmp_path / "result"
     dest.mkdir()
-    arts = outputs.produce(load(every_output), tiny_qcow2, dest)
+    arts, bundle = outputs.produce(load(every_output), tiny_qcow2.with_suffix(""), dest)
+    assert bundle is None  # no pxe output asked for
     assert {k: v["file"] for k, v in arts.items()} == {
         "qcow2": "all.qcow2", "raw": "all.raw", "vhd": "all.vhd", "vhdx": "all.vhdx",
         "usb": "all.usb.img"}
@@ -53,6 +54,60 @@ def test_every_format_holds_the_same_disk(every_output: Path, tiny_qcow2: Path,
         assert raw_bytes(path, formats[kind], tmp_path) == want, kind
         assert art["size"] == path.stat().st_size
         assert art["sha256"] == outputs.sha256_file(path)
+
+
+@pytest.fixture()
+def pxe_profile(fake_root: Path) -> Path:
+    path = fake_root / "profiles" / "net.yaml"
+    path.write_text("name: net\nelements: [debian-minimal]\noutputs: [pxe]\n"
+                    "kernel_cmdline: 'corehost.ram=75%'\n")
+    return path
+
+
+def test_pxe_bundle_serves_the_kernel_initramfs_and_root(pxe_profile: Path,
+                                                         tmp_path: Path) -> None:
+    base = tmp_path / "dib" / "net"
+    base.parent.mkdir()
+    for suffix, data in ((".vmlinuz", b"kernel"), (".initrd", b"initramfs"),
+                         (".rootfs.squashfs", b"hsqs" + bytes(range(256)) * 64)):
+        Path(f"{base}{suffix}").write_bytes(data)
+    dest = tmp_path / "result"
+    dest.mkdir()
+    arts, bundle = outputs.produce(load(pxe_profile), base, dest)
+    assert bundle is not None
+    assert {k: v["file"] for k, v in arts.items()} == {
+        "pxe.kernel": "pxe/net.vmlinuz", "pxe.initrd": "pxe/net.initrd",
+        "pxe.rootfs": "pxe/net.rootfs.cpio", "pxe.ipxe_script": "pxe/boot.ipxe",
+        "pxe.grub_efi": "pxe/grubnetx64.efi", "pxe.grub_cfg": "pxe/grub/grub.cfg",
+        "pxe.undionly_kpxe": "pxe/undionly.kpxe", "pxe.snponly_efi": "pxe/snponly.efi"}
+    for art in arts.values():
+        assert outputs.sha256_file(dest / art["file"]) == art["sha256"]
+    # The root travels as a second initrd: a newc cpio at the path the initramfs reads.
+    listing = subprocess.run(["cpio", "-it", "--quiet"], input=(dest / "pxe/net.rootfs.cpio")
+                             .read_bytes(), capture_output=True, timeout=60, check=True)
+    assert listing.stdout.decode().split() == ["corehost", "corehost/root.squashfs"]
+    extracted = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout",
+                                "corehost/root.squashfs"],
+                               input=(dest / "pxe/net.rootfs.cpio").read_bytes(),
+                               capture_output=True, timeout=60, check=True).stdout
+    assert extracted == Path(f"{base}.rootfs.squashfs").read_bytes()
+    want = "boot=corehost console=tty0 console=ttyS0,115200 nofb nomodeset corehost.ram=75%"
+    assert bundle["kernel_cmdline"] == want
+    ipxe = (dest / "pxe/boot.ipxe").read_text()
+    assert ipxe.startswith("#!ipxe\n") and want in ipxe and "chain --autofree site.ipxe" in ipxe
+    grub = dest / "pxe/grub/grub.cfg"
+    assert want in grub.read_text() and 'source "$prefix/site.cfg"' in grub.read_text()
+    check = subprocess.run(["grub-script-check", str(grub)], capture_output=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    assert (dest / "pxe/grubnetx64.efi").read_bytes()[:2] == b"MZ"  # a PE/COFF EFI binary
+
+
+def test_pxe_bundle_without_the_pxe_element_names_what_is_missing(
+        pxe_profile: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "result"
+    dest.mkdir()
+    with pytest.raises(outputs.OutputError, match="no kernel .*pxe element"):
+        outputs.produce(load(pxe_profile), tmp_path / "nothing", dest)
 
 
 def test_dpkg_manifest_is_read(tmp_path: Path) -> None:

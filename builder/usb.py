@@ -272,9 +272,12 @@ def config_refusal(config: Path, image: Path) -> str | None:
     if part is None:
         return (f"{image}: no partition named {CONFIG_PARTITION}, so --config has nowhere "
                 "to go (is it an image of this version's usb output?)")
-    probe = runner.run(["minfo", "-i", f"{image}@@{part.offset}", "::"], timeout=TOOL_TIMEOUT,
-                       check=False, env=_mtools_env())
-    if probe.returncode != 0:
+    try:
+        runner.run(["minfo", "-i", f"{image}@@{part.offset}", "::"], timeout=TOOL_TIMEOUT,
+                   env=_mtools_env())
+    except runner.ProcessFailed as e:
+        if e.returncode is None:  # mtools missing or hung: not the image's fault
+            return f"--config needs mtools: {e}"
         return f"{image}: partition {part.number} ({CONFIG_PARTITION}) holds no FAT file system"
     return None
 

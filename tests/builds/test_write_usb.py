@@ -399,6 +399,23 @@ def test_a_config_for_an_image_without_a_cfg_partition_is_refused(
     assert sha256(dev, 96 * MiB) == before
 
 
+def test_a_config_for_an_image_whose_cfg_partition_has_no_fat_is_refused(
+        target: Callable[..., str], tmp_path: Path) -> None:
+    unformatted = tmp_path / "unformatted.img"
+    with unformatted.open("wb") as f:
+        f.truncate(64 * MiB)
+    sh("sgdisk", *LAYOUT, unformatted)
+    config = tmp_path / "site.yaml"
+    config.write_text(VALID_CONFIG)
+    dev = target()
+    before = sha256(dev, 96 * MiB)
+
+    assert_refused(corehost("write-usb", unformatted, dev, "--config", config),
+                   f"({usb.CONFIG_PARTITION}) holds no FAT file system")
+
+    assert sha256(dev, 96 * MiB) == before
+
+
 # ---------------------------------------------------------------- interrupted
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from hvagent.errors import InvalidRequest
 from hvagent.host import run as runner
 from hvagent.host.formats import QEMU_IMG
-from hvagent.host.hostconfig import HostConfigError, load_file
+from hvagent.host.hostconfig import CONFIG_FILE, CONFIG_PARTITION, HostConfigError, load_file
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ CHUNK = 4 << 20
 # Flush to the stick this often, so progress shows what the stick has taken, not what the
 # page cache has, and the last fsync is not a long silent wait.
 SYNC_EVERY = 16 * CHUNK
-CONFIG_PARTITION = "COREHOST-CFG"  # GPT partition name of the host config's FAT partition
-CONFIG_FILE = "corehost.yaml"
 SECTOR = 512
 TOOL_TIMEOUT = 60.0
 

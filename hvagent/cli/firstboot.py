@@ -40,9 +40,9 @@ PROG = "corehost-firstboot"
 CMDLINE = Path("/proc/cmdline")
 FW_CFG_ITEM = "opt/corehost/config"
 FW_CFG_RAW = Path("/sys/firmware/qemu_fw_cfg/by_name") / FW_CFG_ITEM / "raw"
-PARTLABEL = "COREHOST-CFG"
-FS_LABELS = ("COREHOST-CFG", "COREHOSTCFG")  # FAT labels are 11 characters
-PARTITION_FILE = "corehost.yaml"
+PARTLABEL = hostconfig.CONFIG_PARTITION
+FS_LABELS = (hostconfig.CONFIG_PARTITION, hostconfig.CONFIG_FS_LABEL)
+PARTITION_FILE = hostconfig.CONFIG_FILE
 # Under --root:
 STAMP = Path("var/lib/corehost/host-config.json")
 EVERY_BOOT = Path("usr/lib/corehost/host-config-every-boot")

@@ -32,6 +32,11 @@ from hvagent.errors import InvalidRequest
 
 # A host config is a few hundred bytes; anything near this is not one.
 MAX_BYTES = 1 << 20
+# Where a disk carries its host config: the GPT name of a small FAT partition (its FAT
+# volume label is CONFIG_FS_LABEL: FAT labels hold 11 characters) and the file on it.
+CONFIG_PARTITION = "COREHOST-CFG"
+CONFIG_FS_LABEL = "COREHOSTCFG"
+CONFIG_FILE = "corehost.yaml"
 SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
                  "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
                  "sk-ecdsa-sha2-nistp256@openssh.com")

@@ -469,7 +469,11 @@ class Machine:
             return self.proc.returncode
         finally:
             self._stop_http()
-            # The temp dir stays only while it holds the serial log (for reading later).
+            # The temp dir stays only while it holds the serial log (for reading later);
+            # the document (it may hold a bootstrap token) never outlives the boot.
             self.qmp_path.unlink(missing_ok=True)
+            self.config_path.unlink(missing_ok=True)
+            self.vars_path.unlink(missing_ok=True)
+            shutil.rmtree(self.served, ignore_errors=True)
             if self.opts.serial_log is not None:
                 shutil.rmtree(self.workdir, ignore_errors=True)

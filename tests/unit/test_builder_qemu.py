@@ -180,6 +180,8 @@ def test_pxe_under_bios(bundle: Path, tmp_path: Path) -> None:
         m.poweroff()
     with socket.socket() as s:  # the server is gone with the machine
         assert s.connect_ex(("127.0.0.1", port)) != 0
+    # and so are the served files and the document; only the serial log may stay
+    assert not m.served.exists() and not m.config_path.exists()
 
 
 def test_pxe_under_uefi(bundle: Path) -> None:

@@ -151,6 +151,9 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--no-console", action="store_true",
                            help="do not copy the serial console to the terminal")
         else:
+            s.add_argument("--identity", type=Path, default=None, metavar="KEY",
+                           help="ssh with this private key (KEY.pub goes into the host "
+                           "config) instead of a key made for the run")
             s.epilog = ("Arguments after -- go to pytest, e.g. corehost test IMAGE -- -k ssh. "
                         "The tests find how the host was booted in COREHOST_BOOT (JSON).")
 
@@ -344,11 +347,16 @@ def cmd_test(args: argparse.Namespace) -> int:
     opts = _boot_options(args, snapshot=True, no_reboot=True)
     qemu.check_options(opts)  # before a key is made for a boot that cannot happen
     booting = display(args.image if args.image is not None else args.pxe)
+    if args.identity is not None and not (args.identity.is_file()
+                                          and _public(args.identity).is_file()):
+        raise UsageError(f"--identity {args.identity}: needs the private key and "
+                         f"{args.identity.name}.pub beside it")
     with tempfile.TemporaryDirectory(prefix="corehost-test-") as tmp:
-        key = Path(tmp) / "id_ed25519"
-        run.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "corehost-test",
-                 "-f", key], timeout=SSH_HELPER_TIMEOUT)
-        opts.ssh_key = key.with_suffix(".pub")
+        key = args.identity.resolve() if args.identity else Path(tmp) / "id_ed25519"
+        if args.identity is None:
+            run.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "corehost-test",
+                     "-f", key], timeout=SSH_HELPER_TIMEOUT)
+        opts.ssh_key = _public(key)
         machine = qemu.Machine(opts)
         print(f"accelerator: {machine.accel.accel} ({machine.accel.reason})", file=sys.stderr)
         with machine:
@@ -375,6 +383,11 @@ def cmd_test(args: argparse.Namespace) -> int:
                      "127.0.0.1"], timeout=SSH_HELPER_TIMEOUT, check=False)
         print(f"image tests: pytest exit {rc}", file=sys.stderr)
         return rc
+
+
+def _public(key: Path) -> Path:
+    """ssh-keygen's public half of a private key file: the same name plus .pub."""
+    return key.with_name(key.name + ".pub")
 
 
 def _run_image_tests(cmd: list[str], env: dict[str, str]) -> int:

@@ -33,7 +33,11 @@ def _text(d: dict[str, Any]) -> None:
     print(f"version: {d['version']}")
     print(f"accelerator: {d['accel']} ({d['accel_reason']})")
     print(f"vms: {d['vms']}")
-    print(f"state dir: {d['state_dir']}")
-    print(f"persistent: {'yes' if d['persistent'] else 'no'} ({d['persistence']})")
-    for w in d["warnings"]:
+    # An agent older than the persistence report has none of these: say so, not fail.
+    print(f"state dir: {d.get('state_dir', 'unknown')}")
+    if "persistent" in d:
+        print(f"persistent: {'yes' if d['persistent'] else 'no'} ({d.get('persistence', '')})")
+    else:
+        print("persistent: unknown (the agent does not report it)")
+    for w in d.get("warnings", []):
         print(f"warning: {w}")

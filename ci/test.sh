@@ -10,12 +10,11 @@ bash ci/venv.sh test
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check builder hvagent tests bench
 lint-imports  # the layers, as .importlinter states them
-pytest tests --ignore=tests/image --ignore=tests/deploy
+pytest tests --ignore=tests/image --ignore=tests/deploy --ignore=tests/builds
 # Each profile is built once, with all its outputs.
 corehost build profiles/ci.yaml
 corehost build profiles/server-core.yaml
-# The full image suite on one boot (the qcow2 under BIOS) ...
-corehost test out/ci/ci.qcow2
-# ... and every other output (USB under BIOS and UEFI, PXE diskless under both, VHD,
-# VHDX, the default image) booted two at a time for the smoke and deployment checks.
-pytest -n 2 tests/deploy
+# Two at a time: the builder's own build tests, the whole image suite on one boot (the
+# qcow2 under BIOS), and every other output (USB under BIOS and UEFI, PXE diskless under
+# both, VHD, VHDX, the default image) booted for the smoke and deployment checks.
+pytest -n 2 --dist loadgroup --durations=0 tests/builds tests/deploy

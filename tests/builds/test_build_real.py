@@ -24,7 +24,9 @@ REPO = HERE.parents[1]
 PROFILES = HERE / "profiles"
 
 # A cold build plus a boot under TCG takes longer than the suite's default timeout.
-pytestmark = [pytest.mark.image, pytest.mark.timeout(3600)]
+# One worker runs this file in order under `pytest -n` (its fixtures are shared).
+pytestmark = [pytest.mark.image, pytest.mark.timeout(3600),
+              pytest.mark.xdist_group("build_real")]
 
 
 def corehost(*args: str) -> subprocess.CompletedProcess[str]:

@@ -28,9 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(
+# One worker runs this file in order under `pytest -n` (its fixtures are shared).
+pytestmark = [pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/dev/loop-control").exists(),
-    reason="needs root and loop devices")
+    reason="needs root and loop devices"), pytest.mark.xdist_group("write_usb")]
 
 # The usb output's layout, small: BIOS boot, ESP, COREHOST-CFG (16 MiB FAT), root last.
 CFG_START = 20480  # sector of partition 3, as sgdisk places it below

@@ -30,10 +30,12 @@ def corehost(*args: str, timeout: float = BOOT_TIMEOUT,
                           env={**os.environ, **(env or {})})
 
 
-def corehost_test(*args: str, identity: Path, expect: dict | None = None) -> None:
-    """`corehost test ARGS -- -m smoke` with COREHOST_EXPECT; fails with its output tail."""
+def corehost_test(*args: str, identity: Path, expect: dict | None = None,
+                  smoke: bool = True) -> None:
+    """`corehost test ARGS -- -m smoke` (or the whole image suite) with COREHOST_EXPECT;
+    fails with its output tail. One vCPU: CI boots two guests at a time on two cores."""
     proc = corehost("test", *args, "--cpus", "1", "--identity", str(identity), "--",
-                    "-m", "smoke",
+                    *(["-m", "smoke"] if smoke else []),
                     env={"COREHOST_EXPECT": json.dumps(expect or {})})
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
     assert proc.returncode == 0, tail

@@ -1,4 +1,5 @@
-"""Every output of the ci profile boots and passes the smoke checks: the USB stick under
+"""Every output of the ci profile boots: the qcow2 under BIOS runs the whole image suite,
+every other output the smoke and deployment checks: the USB stick under
 SeaBIOS and OVMF (with its COREHOST-CFG partition filled by mtools, on a stick larger
 than the image), the PXE bundle diskless under BIOS (iPXE) and UEFI (GRUB) with a host
 config fetched over HTTP and a COREHOST-DATA disk kept across two boots, the VHD and
@@ -51,6 +52,22 @@ def keyed(identity: Path, **doc: object) -> dict:
     return {"version": 1, "users": [{"name": "root", "ssh_authorized_keys": [key]}], **doc}
 
 
+def test_pxe_keeps_agent_state_on_a_data_disk(ci: Path, tmp_path: Path, identity: Path) -> None:
+    data = tmp_path / "data.img"
+    with open(data, "wb") as f:
+        f.truncate(512 * 2**20)
+    run("mkfs.ext4", "-q", "-L", "COREHOST-DATA", str(data))
+    corehost_test("--pxe", str(ci / "pxe"), "--firmware", "uefi", "--disk", str(data),
+                  identity=identity, expect={"vm_create": "kept", "persistent": True})
+    corehost_test("--pxe", str(ci / "pxe"), "--disk", str(data), identity=identity,
+                  expect={"vm_present": "kept", "persistent": True})
+
+
+def test_qcow2_passes_the_whole_image_suite(ci: Path, manifest: dict, identity: Path) -> None:
+    corehost_test(str(ci / manifest["artifacts"]["qcow2"]["file"]), identity=identity,
+                  smoke=False)
+
+
 @pytest.mark.parametrize("firmware", ["uefi", "bios"])
 def test_usb_stick_boots_and_applies_its_cfg_partition(
         ci: Path, tmp_path: Path, identity: Path, firmware: str) -> None:
@@ -70,16 +87,6 @@ def test_pxe_diskless_with_a_host_config_over_http(
     corehost_test("--pxe", str(ci / "pxe"), "--config", str(config), identity=identity,
                   expect={"hostname": "ci-pxe", "addresses": ["10.0.2.15/24", "10.0.2.99/24"],
                           "persistent": False})
-
-
-def test_pxe_keeps_agent_state_on_a_data_disk(ci: Path, tmp_path: Path, identity: Path) -> None:
-    data = tmp_path / "data.img"
-    os.truncate(data, 512 * 2**20)
-    run("mkfs.ext4", "-q", "-L", "COREHOST-DATA", str(data))
-    corehost_test("--pxe", str(ci / "pxe"), "--firmware", "uefi", "--disk", str(data),
-                  identity=identity, expect={"vm_create": "kept", "persistent": True})
-    corehost_test("--pxe", str(ci / "pxe"), "--disk", str(data), identity=identity,
-                  expect={"vm_present": "kept", "persistent": True})
 
 
 @pytest.mark.parametrize("fmt,firmware", [("vhdx", "uefi"), ("vhd", "bios")])

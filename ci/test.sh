@@ -17,4 +17,6 @@ corehost build profiles/server-core.yaml
 # Two at a time: the builder's own build tests, the whole image suite on one boot (the
 # qcow2 under BIOS), and every other output (USB under BIOS and UEFI, PXE diskless under
 # both, VHD, VHDX, the default image) booted for the smoke and deployment checks.
-pytest -n 2 --dist loadgroup --durations=0 tests/builds tests/deploy
+# The two longest boots (the whole suite; the data-disk pair) are collected first, so
+# they start together on the two workers.
+pytest -n 2 --dist loadgroup --durations=0 tests/deploy tests/builds

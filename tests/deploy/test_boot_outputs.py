@@ -52,6 +52,11 @@ def keyed(identity: Path, **doc: object) -> dict:
     return {"version": 1, "users": [{"name": "root", "ssh_authorized_keys": [key]}], **doc}
 
 
+def test_qcow2_passes_the_whole_image_suite(ci: Path, manifest: dict, identity: Path) -> None:
+    corehost_test(str(ci / manifest["artifacts"]["qcow2"]["file"]), identity=identity,
+                  smoke=False)
+
+
 def test_pxe_keeps_agent_state_on_a_data_disk(ci: Path, tmp_path: Path, identity: Path) -> None:
     data = tmp_path / "data.img"
     with open(data, "wb") as f:
@@ -61,11 +66,6 @@ def test_pxe_keeps_agent_state_on_a_data_disk(ci: Path, tmp_path: Path, identity
                   identity=identity, expect={"vm_create": "kept", "persistent": True})
     corehost_test("--pxe", str(ci / "pxe"), "--disk", str(data), identity=identity,
                   expect={"vm_present": "kept", "persistent": True})
-
-
-def test_qcow2_passes_the_whole_image_suite(ci: Path, manifest: dict, identity: Path) -> None:
-    corehost_test(str(ci / manifest["artifacts"]["qcow2"]["file"]), identity=identity,
-                  smoke=False)
 
 
 @pytest.mark.parametrize("firmware", ["uefi", "bios"])

@@ -480,6 +480,10 @@ def _cmdline(doc: _Doc, path: LinePath, v: Any) -> str:
     # It ends up inside a double-quoted GRUB_CMDLINE_LINUX_DEFAULT.
     if any(c in s for c in '"\n\\$`'):
         raise doc.error(path, "must not contain quotes, backslashes, $, ` or newlines")
+    # The PXE bundle puts it unquoted on a GRUB `linux` line and an iPXE `kernel` line,
+    # where these separate or redirect commands.
+    if any(ord(c) < 32 or ord(c) == 127 or c in "';&|<>{}" for c in s):
+        raise doc.error(path, "must not contain control characters or any of ' ; & | < > { }")
     return s.strip()
 
 

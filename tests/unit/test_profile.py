@@ -176,6 +176,10 @@ ERRORS = [
     ("name: x\nusers:\n  - name: Root!\n", "3: users[0].name: 'Root!' is not a valid user name"),
     ("name: x\nkernel_cmdline: 'a=\"b\"'\n",
      "2: kernel_cmdline: must not contain quotes, backslashes, $, ` or newlines"),
+    *((f"name: x\nkernel_cmdline: {arg}\n",
+       "2: kernel_cmdline: must not contain control characters or any of ' ; & | < > { }")
+      for arg in ('"a\\0b"', '"a\\tb"', '"a\\rb"', "'quiet; reboot'", "'a || b'",
+                  "'a > /x'", "'a{b}'", '"it\'s"')),
     ("name: x\nagent: {accel: fast}\n", "2: agent.accel: expected auto, kvm or tcg, got 'fast'"),
     ("name: x\nagent:\n  state_dir: var/lib\n",
      "3: agent.state_dir: expected an absolute path, got 'var/lib'"),

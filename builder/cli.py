@@ -365,6 +365,9 @@ def cmd_test(args: argparse.Namespace) -> int:
             took = machine.wait_for_ssh(key, timeout=args.timeout)
             print(f"ssh ready on 127.0.0.1:{machine.ssh_port} after {took:.0f}s",
                   file=sys.stderr, flush=True)
+            # The checks look at a booted system, not one still starting its units.
+            settled, state = machine.wait_for_boot(key, timeout=args.timeout)
+            print(f"boot settled ({state}) {settled:.0f}s later", file=sys.stderr, flush=True)
             config = Path(tmp) / "ssh_config"
             config.write_text(SSH_CONFIG.format(key=key, control=Path(tmp) / "cm-%C"))
             cmd = [sys.executable, "-m", "pytest", str(tests),

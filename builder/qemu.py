@@ -444,6 +444,18 @@ class Machine:
         raise BootError(f"no ssh on 127.0.0.1:{self.ssh_port} after {timeout:.0f}s ({last}); "
                         f"serial console:\n{self.serial_tail()}")
 
+    def wait_for_boot(self, identity: Path, timeout: float = 600.0) -> tuple[float, str]:
+        """Seconds until systemd's boot job queue is empty, and the state it reached
+        (`running`, or `degraded` when a unit failed: the checks say which). A unit of
+        Type=notify, as the agent's, is active only once it said it is ready."""
+        start = time.monotonic()
+        try:
+            done = run.run([*self.ssh_base(identity), "systemctl", "is-system-running",
+                            "--wait"], timeout=timeout, check=False)
+        except run.ProcessFailed:
+            return time.monotonic() - start, f"still starting after {timeout:.0f}s"
+        return time.monotonic() - start, done.out.strip() or done.err.strip()
+
     def _stop_http(self) -> None:
         if self.http is not None:
             self.http.stop()

@@ -115,12 +115,37 @@ class _FollowerServer(uvicorn.Server):
         yield
 
 
+def notify_ready() -> None:
+    """Tell systemd the agent serves (sd_notify READY=1; the unit is Type=notify), so
+    `hvagent.service` is active only once its sockets answer. Outside systemd: nothing."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):  # abstract namespace
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(b"READY=1\nSTATUS=serving")
+    except OSError as e:
+        log.warning("cannot tell systemd the agent is ready (%s): %s", addr, e.strerror)
+
+
+async def _started(server: uvicorn.Server, task: asyncio.Task[None]) -> bool:
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    return server.started
+
+
 async def serve(server: uvicorn.Server, unix_sock: socket.socket, config: AgentConfig,
                 tcp: socket.socket | None = None) -> None:
     """Run `server` on the unix socket and, if configured, the same app over HTTPS (on
-    `tcp` when the caller bound it already)."""
+    `tcp` when the caller bound it already); systemd hears READY once both serve."""
     if config.tls.listen is None:
-        await server.serve(sockets=[unix_sock])
+        main = asyncio.create_task(server.serve(sockets=[unix_sock]))
+        if await _started(server, main):
+            notify_ready()
+        await main
         return
     if tcp is None:
         tcp = bind_tcp(config.tls.listen)
@@ -137,9 +162,7 @@ async def serve(server: uvicorn.Server, unix_sock: socket.socket, config: AgentC
     cfg.ssl = ctx
     follower = _FollowerServer(cfg)
     main = asyncio.create_task(server.serve(sockets=[unix_sock]))
-    while not server.started and not main.done():
-        await asyncio.sleep(0.05)
-    if main.done():
+    if not await _started(server, main):
         tcp.close()
         await main
         return
@@ -149,6 +172,8 @@ async def serve(server: uvicorn.Server, unix_sock: socket.socket, config: AgentC
     log.info("listening on https://%s", config.tls.listen)
     second = asyncio.create_task(follower.serve(sockets=[tcp]))
     try:
+        if await _started(follower, second):
+            notify_ready()
         while not main.done():
             if server.should_exit or second.done():
                 follower.should_exit = server.should_exit = True

@@ -216,3 +216,32 @@ def test_a_pinned_hvctl_keeps_working_across_agent_restarts(tmp_path: Path) -> N
             assert agent.ca_pem.read_bytes() == ca
     finally:
         agent.stop()
+
+
+def test_systemd_hears_ready_only_once_both_listeners_answer(tmp_path: Path) -> None:
+    """hvagent.service is Type=notify: the unit is active (and the image checks start)
+    only when the agent has said READY=1 on $NOTIFY_SOCKET, and by then the unix socket
+    and the HTTPS port both answer."""
+    agent = SecureAgent(tmp_path)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(ANSWER_TIMEOUT)
+    out = (tmp_path / "agent.log").open("ab")
+    proc = subprocess.Popen([*HVAGENT, "serve", "--config", str(agent.config)], stdout=out,
+                            stderr=out, cwd=REPO,
+                            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        message = notify.recv(4096).decode()
+        assert "READY=1" in message.splitlines(), message
+        # No wait: what READY promises holds the moment it arrives.
+        assert agent.root_client.get("/agent").status_code == 200
+        with socket.create_connection(("127.0.0.1", agent.port), timeout=ANSWER_TIMEOUT):
+            pass
+        notify.settimeout(2)
+        with pytest.raises(TimeoutError):  # said once
+            notify.recv(4096)
+    finally:
+        notify.close()
+        agent.root_client.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=EXIT_TIMEOUT)

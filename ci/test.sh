@@ -10,7 +10,8 @@ bash ci/venv.sh test
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check builder hvagent tests bench
 lint-imports  # the layers, as .importlinter states them
-pytest tests --ignore=tests/image --ignore=tests/deploy --ignore=tests/builds
+# Two workers, one test file each at a time (module fixtures stay on one worker).
+pytest -n 2 --dist loadfile tests --ignore=tests/image --ignore=tests/deploy --ignore=tests/builds
 # Each profile is built once, with all its outputs.
 corehost build profiles/ci.yaml
 corehost build profiles/server-core.yaml

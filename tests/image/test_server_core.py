@@ -6,6 +6,7 @@ from __future__ import annotations
 from fnmatch import fnmatch
 
 import pytest
+import yaml
 from testinfra.host import Host
 
 GUI_PACKAGES = (
@@ -60,3 +61,35 @@ def test_docs_and_man_pages_kept_out(host: Host) -> None:
     assert host.check_output(
         "find /usr/share/doc -type f ! -name copyright | wc -l"
     ) == "0"
+
+
+# What may listen beyond loopback: sshd, the DHCP client, and the agent's HTTPS port when
+# the profile gives it one. Nothing else answers on the network (no LLMNR, mDNS, iSCSI).
+NETWORK_LISTENERS = {("tcp", 22): "sshd", ("udp", 68): "systemd-network"}
+
+
+def _listeners(host: Host) -> list[tuple[str, str, int, str]]:
+    """(protocol, address, port, process) of every listening TCP and bound UDP socket."""
+    found = []
+    for line in host.check_output("ss -H -tulnp").splitlines():
+        proto, _state, _rq, _sq, local, *rest = line.split()
+        addr, _, port = local.rpartition(":")
+        procs = " ".join(rest)
+        name = procs.split('(("', 1)[1].split('"', 1)[0] if '(("' in procs else "?"
+        found.append((proto, addr.split("%", 1)[0].strip("[]"), int(port), name))
+    return found
+
+
+def test_nothing_listens_on_the_network_but_ssh_the_dhcp_client_and_the_agent(
+        host: Host) -> None:
+    allowed = dict(NETWORK_LISTENERS)
+    tls = (yaml.safe_load(host.file("/etc/hvagent/hvagent.yaml").content_string)
+           .get("tls") or {}).get("listen")
+    if tls:
+        allowed[("tcp", int(tls.rpartition(":")[2]))] = "hvagent"
+    loopback = ("127.", "::1")
+    outside = [(proto, addr, port, name) for proto, addr, port, name in _listeners(host)
+               if not addr.startswith(loopback)]
+    assert ("tcp", 22) in {(p, port) for p, _a, port, _n in outside}  # the check sees sshd
+    unexpected = [s for s in outside if allowed.get((s[0], s[2])) != s[3][:15]]
+    assert unexpected == []

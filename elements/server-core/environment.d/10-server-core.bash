@@ -9,3 +9,7 @@ export DIB_DEBOOTSTRAP_CACHE=${DIB_DEBOOTSTRAP_CACHE:-1}
 
 # A headless host boots unattended: one second at the GRUB menu, not DIB's five.
 export DIB_GRUB_TIMEOUT=${DIB_GRUB_TIMEOUT:-1}
+
+# DIB's `base` element installs an iSCSI initiator (open-iscsi, its iscsid.socket) into
+# every image; a KVM host's disks are local or given by a profile that asks for iSCSI.
+export DIB_SKIP_BASE_PACKAGE_INSTALL=1

@@ -15,6 +15,8 @@ PKGS=(
   mtools e2tools fuse3 qemu-block-extra zstd
   # tiny test guests and network tests
   busybox-static cpio iproute2 socat
+  # the metrics test scrapes the agent with a real Prometheus server
+  prometheus
 )
 
 missing=()

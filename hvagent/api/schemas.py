@@ -59,6 +59,23 @@ class Deleted(BaseModel):
     removed_disks: list[str]
 
 
+class CpuInfo(BaseModel):
+    count: int = Field(description="logical CPUs of the host")
+    model: str = Field(description="the processor's model name, or 'unknown'")
+
+
+class MemoryInfo(BaseModel):
+    total_bytes: int = Field(description="MemTotal of /proc/meminfo")
+    free_bytes: int = Field(description="MemAvailable of /proc/meminfo")
+    committed_bytes: int = Field(description="the memory of the VMs that run or are paused")
+
+
+class StorageInfo(BaseModel):
+    dir: str = Field(description="the agent's storage directory")
+    total_bytes: int = Field(description="size of its file system")
+    free_bytes: int = Field(description="free space on it for the agent's writes")
+
+
 class AgentInfo(BaseModel):
     version: str
     accel: str
@@ -68,3 +85,7 @@ class AgentInfo(BaseModel):
     persistent: bool = Field(description="whether the agent's state survives a power-off")
     persistence: str = Field(description="why (the mount and file system of state_dir)")
     warnings: list[str] = Field(description="conditions an operator should act on")
+    cpu: CpuInfo
+    memory: MemoryInfo
+    storage: StorageInfo
+    vm_states: dict[str, int] = Field(description="how many VMs are in each state")

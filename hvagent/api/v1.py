@@ -11,8 +11,9 @@ from hvagent.access.privileges import Privilege as P
 from hvagent.api import checkpoints, devices, disks, jobs, policy, vms
 from hvagent.api.auth import require
 from hvagent.api.deps import vms as vms_dep
-from hvagent.api.schemas import AgentInfo
+from hvagent.api.schemas import AgentInfo, CpuInfo, MemoryInfo, StorageInfo
 from hvagent.config import agent_version
+from hvagent.services.hostinfo import host_facts
 from hvagent.services.vms import VMService
 
 router = APIRouter(prefix="/api/v1")
@@ -29,7 +30,15 @@ async def agent_info(request: Request,
                      svc: Annotated[VMService, Depends(vms_dep)]) -> AgentInfo:
     accel = svc.accel
     persistence = request.app.state.persistence
+    h = await host_facts(svc)
     return AgentInfo(version=agent_version(), accel=str(accel.accel), accel_reason=accel.reason,
                      vms=svc.count(), state_dir=str(svc.config.state_dir),
                      persistent=persistence.persistent, persistence=persistence.reason,
-                     warnings=persistence.warnings)
+                     warnings=persistence.warnings,
+                     cpu=CpuInfo(count=h.cpu_count, model=h.cpu_model),
+                     memory=MemoryInfo(total_bytes=h.memory_total_bytes,
+                                       free_bytes=h.memory_free_bytes,
+                                       committed_bytes=h.memory_committed_bytes),
+                     storage=StorageInfo(dir=h.storage_dir, total_bytes=h.storage_total_bytes,
+                                         free_bytes=h.storage_free_bytes),
+                     vm_states=h.vm_states)

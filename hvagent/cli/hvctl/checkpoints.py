@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from hvagent.cli.hvctl.client import Agent
+from hvagent.cli.hvctl.fleet import FleetView
 from hvagent.cli.hvctl.output import show
 from hvagent.errors import HVError
 
@@ -27,7 +28,7 @@ def add_parsers(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c.set_defaults(func=create)
     p = cp.add_parser("list", help="the VM's checkpoints as a tree")
     p.add_argument("vm")
-    p.set_defaults(func=list_checkpoints)
+    p.set_defaults(func=list_checkpoints, fleet=FLEET_LIST)
     for name, help_, func in (("revert", "return the VM to a checkpoint", revert),
                               ("delete", "delete a checkpoint (the others stay valid)",
                                delete)):
@@ -107,7 +108,7 @@ def _tree(cps: list[dict[str, Any]]) -> None:
     while pending:  # parents first (ordered by time, a parent is always older)
         c = pending.pop(0)
         parent = c["parent"] if c["parent"] in nodes else None
-        when = datetime.datetime.fromtimestamp(c["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        when = _when(c)
         label = (f"[bold]{c['name']}[/bold] {when} "
                  f"{'memory+disk' if c['with_memory'] else 'disk only'} ({c['method']})"
                  + (f" - {c['description']}" if c["description"] else "")
@@ -115,3 +116,23 @@ def _tree(cps: list[dict[str, Any]]) -> None:
                  + (f" [red]{c['status']}[/red]" if c["status"] != "ready" else ""))
         nodes[c["id"]] = nodes[parent].add(label)
     Console().print(root)
+
+
+def _when(c: dict[str, Any]) -> str:
+    return datetime.datetime.fromtimestamp(c["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _rows(cps: list[dict[str, Any]]) -> list[list[str]]:
+    """One host's checkpoints of the VM as flat rows (a tree per host would not line up
+    in one table; PARENT keeps the shape)."""
+    names = {c["id"]: c["name"] for c in cps}
+    return [[c["name"], _when(c), "memory+disk" if c["with_memory"] else "disk only",
+             names.get(c["parent"], "-"), "yes" if c["current"] else "", c["status"]]
+            for c in cps]
+
+
+# `hvctl --all-hosts checkpoint list VM`: the VM of that name on every host.
+FLEET_LIST = FleetView(path=lambda args: f"/vms/{args.vm}/checkpoints",
+                       columns=("CHECKPOINT", "CREATED", "KIND", "PARENT", "CURRENT",
+                                "STATUS"),
+                       rows=_rows)

@@ -10,6 +10,7 @@ from typing import Any
 
 from hvagent.cli.hvctl.client import Agent
 from hvagent.cli.hvctl.devices import NIC_HELP, NIC_METAVAR, parse_nic
+from hvagent.cli.hvctl.fleet import FleetView
 from hvagent.cli.hvctl.output import show
 from hvagent.errors import InvalidRequest
 from hvagent.spec import DEFAULT_STOP_TIMEOUT as STOP_TIMEOUT
@@ -35,7 +36,7 @@ def add_parsers(vm: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c.add_argument("--firmware", choices=[str(f) for f in Firmware], default=str(Firmware.BIOS))
     c.set_defaults(func=create)
 
-    vm.add_parser("list", help="list VMs").set_defaults(func=list_vms)
+    vm.add_parser("list", help="list VMs").set_defaults(func=list_vms, fleet=FLEET_LIST)
     p = vm.add_parser("show", help="show one VM")
     p.add_argument("name")
     p.set_defaults(func=show_vm)
@@ -147,19 +148,33 @@ def _state_line(vm: dict[str, Any]) -> None:
     print(f"{vm['name']}: {vm['state']}")
 
 
+VM_COLUMNS = ("NAME", "STATE", "VCPUS", "MEMORY", "DISKS", "PID", "OPERATION")
+
+
+def _vm_rows(vms: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for vm in vms:
+        s = vm["spec"]
+        rows.append([vm["name"], vm["state"], f"{s['vcpus']}/{s['max_vcpus']}",
+                     f"{s['memory_mib']}/{s['max_memory_mib']} MiB", str(len(s["disks"])),
+                     str(vm["pid"] or "-"), vm["operation"] or "-"])
+    return rows
+
+
 def _vm_table(vms: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(box=None)
-    for col in ("NAME", "STATE", "VCPUS", "MEMORY", "DISKS", "PID", "OPERATION"):
+    for col in VM_COLUMNS:
         t.add_column(col)
-    for vm in vms:
-        s = vm["spec"]
-        t.add_row(vm["name"], vm["state"], f"{s['vcpus']}/{s['max_vcpus']}",
-                  f"{s['memory_mib']}/{s['max_memory_mib']} MiB", str(len(s["disks"])),
-                  str(vm["pid"] or "-"), vm["operation"] or "-")
+    for row in _vm_rows(vms):
+        t.add_row(*row)
     Console().print(t)
+
+
+# `hvctl --all-hosts vm list`: the same columns, after HOST.
+FLEET_LIST = FleetView(path=lambda args: "/vms", columns=VM_COLUMNS, rows=_vm_rows)
 
 
 def _vm_show(vm: dict[str, Any]) -> None:

@@ -102,6 +102,12 @@ class AgentSettings:
         """Every directory the agent writes (its unit's ReadWritePaths), each once."""
         return tuple(dict.fromkeys(str(d) for _, d in self.config.writable_dirs()))
 
+    @property
+    def policy_dir(self) -> str:
+        """The policy file's directory: PUT /api/v1/policy renames a new file into it
+        (writable for the unit, but not made or re-moded by tmpfiles.d like the rest)."""
+        return str(self.config.policy.parent)
+
 
 @dataclass(frozen=True)
 class Profile:

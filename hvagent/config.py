@@ -196,6 +196,12 @@ def read_settings(path: Path) -> dict[str, Any]:
             raw = f.read(MAX_SETTINGS_BYTES + 1)
     except OSError as e:
         raise InvalidRequest(f"{path}: cannot read: {e.strerror or e}") from e
+    return parse_settings(path, raw)
+
+
+def parse_settings(path: Path, raw: bytes) -> dict[str, Any]:
+    """The mapping in the bytes of a YAML settings file (not validated; `path` only
+    names it in errors): one line naming the file when it is not one."""
     if len(raw) > MAX_SETTINGS_BYTES:
         raise InvalidRequest(f"{path}: larger than {MAX_SETTINGS_BYTES} bytes: not a "
                              "settings file")

@@ -11,6 +11,9 @@ formats, VLANs, and the access decision for the principal of the running request
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from hvagent.access.acl import AccessControl, AclEntry, vm_of
 from hvagent.access.principal import current_principal
 from hvagent.access.privileges import ADMINISTRATOR, ALL_PRIVILEGES, BUILTIN_ROLES, Role
-from hvagent.config import load_settings
-from hvagent.errors import PolicyDenied
+from hvagent.config import load_settings, parse_settings, validate_settings
+from hvagent.errors import InvalidRequest, PolicyDenied
 from hvagent.host.formats import DiskFormat
 from hvagent.spec import VLAN_MAX, VLAN_MIN, VLAN_RULE
 
@@ -126,6 +129,46 @@ def load_policy(path: Path) -> HostPolicy:
     if not path.exists():
         return HostPolicy()
     return load_settings(path, HostPolicy)
+
+
+def policy_text(path: Path) -> str:
+    """The policy file as it is on disk ('' when there is none)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"{path}: cannot read: {e}") from e
+
+
+def save_policy(path: Path, text: str) -> HostPolicy:
+    """Replace the policy file with `text`, all or nothing: the text is validated exactly
+    as the agent's start would (errors name the file and the key), then written to a
+    temporary file beside it, synced and renamed over it. Returns the new policy."""
+    raw = text.encode("utf-8")
+    policy = validate_settings(path, parse_settings(path, raw), HostPolicy)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise InvalidRequest(f"{path.parent}: cannot write the policy: "
+                             f"{e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise InvalidRequest(f"{path}: cannot write the policy: {e.strerror or e}") from e
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)  # the rename survives a power cut
+    finally:
+        os.close(dirfd)
+    return policy
 
 
 # admission: quotas, formats, VLANs (asked by the VM service)

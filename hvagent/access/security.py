@@ -25,11 +25,21 @@ class Security:
         self.audit = AuditLog(store)
         # enforce=False exists for bench/auth.py only (the same app without the checks).
         self.enforce = enforce
+        self._admissions: list[Admission] = []
 
     def admission(self) -> Admission:
         """The host-policy hook the VM service calls on create and resource changes."""
-        return Admission(self.policy, self.access, usage=self.usage,
-                         record_owner=self.tokens.set_owner, owner=self.tokens.owner)
+        a = Admission(self.policy, self.access, usage=self.usage,
+                      record_owner=self.tokens.set_owner, owner=self.tokens.owner)
+        self._admissions.append(a)
+        return a
+
+    def replace_policy(self, policy: HostPolicy) -> None:
+        """A new host policy, in force for the next decision: the ACLs are built from
+        self.policy on every check, and the admission hooks handed out follow it."""
+        self.policy = policy
+        for a in self._admissions:
+            a.policy = policy
 
     def access(self) -> AccessControl:
         # Stored grants are read on every decision: `hvagent token create --role` on the

@@ -308,7 +308,8 @@ def test_a_moved_storage_dir_is_writable_for_the_agents_unit(profiles: Path,
     unit = (static / "usr/lib/systemd/system/hvagent.service").read_text()
     rw = next(ln for ln in unit.splitlines() if ln.startswith("ReadWritePaths="))
     assert rw.removeprefix("ReadWritePaths=").split() == [
-        "-/var/lib/hvagent", "-/srv/vms", "-/run/hvagent", "-/var/log/hvagent", "-/run/hvsock"]
+        "-/var/lib/hvagent", "-/srv/vms", "-/run/hvagent", "-/var/log/hvagent", "-/run/hvsock",
+        "-/etc/hvagent"]  # the policy file's: PUT /api/v1/policy renames into it
     tmpfiles = (static / "usr/lib/tmpfiles.d/hvagent.conf").read_text()
     assert "d /srv/vms 0750 root hvagent -\n" in tmpfiles
     assert "d /run/hvsock 0750 root hvagent -\n" in tmpfiles

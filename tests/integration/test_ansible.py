@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -434,11 +435,17 @@ def test_policy_push_is_applied_once_and_a_bad_one_fails_in_one_line(fleet: Flee
     assert got["text"] == text and p[0]["sha256"] == got["sha256"]
     assert ok(fleet.ansible.play([push])).recap["changed"] == 0
 
-    bad = {"corehost.hvagent.policy": {"content": "quotas:\n  max_vcpus_per_vm: 0\n"},
-           "ignore_errors": True}
-    p = fleet.ansible.play([bad])
-    assert p[0]["failed"] and "max_vcpus_per_vm" in p[0]["msg"] and "(HTTP 422)" in p[0]["msg"]
-    assert "\n" not in p[0]["msg"]
+    # Bad policies: the agent's one line naming the field, and the policy stays.
+    bad = {"quotas:\n  max_vcpus_per_vm: 0\n": "quotas.max_vcpus_per_vm",
+           "colour: red\n": "colour",
+           "roles:\n  ops: {privileges: [VM.Fly]}\n": "VM.Fly",
+           "quotas: [\n": "YAML"}
+    p = fleet.ansible.play([{"corehost.hvagent.policy": {"content": c}, "ignore_errors": True}
+                            for c in bad])
+    for (content, field), r in zip(bad.items(), p.results, strict=True):
+        assert r and r["failed"], (content, r)
+        assert field in r["msg"] and re.search(r"\(HTTP 4\d\d\)$", r["msg"]), r["msg"]
+        assert "\n" not in r["msg"]
     assert _policy(fleet)["text"] == text
 
 

@@ -266,6 +266,14 @@ GOOD_FP = "AB:" * 31 + "AB"
     ("hosts: {name: a}", "hosts: must be a list"),
     ("hosts: [a]", "hosts[0]: must be a mapping"),
     ("hostz: []", "hostz: unknown key"),
+    ("default: a", "hosts: missing"),
+    ("", "hosts: missing"),
+    ("hosts: [{name: a, url: 'https://h:1', ca_fingerprint: 1234}]",
+     "hosts[0].ca_fingerprint: must be a string (quote it)"),
+    ("hosts: [{name: a, socket: /s, token: 'hvt_a b'}]", "hosts[0].token: must be one token"),
+    ("hosts: [{name: a, socket: ''}]", "hosts[0].socket: empty"),
+    ("hosts: [{name: a, url: 'https://h:1/api', ca_fingerprint: @FP@}]",
+     "hosts[0].url: 'https://h:1/api': only https://HOST[:PORT]"),
     ("hosts: [", "not valid YAML"),
 ])
 def test_hosts_file_errors_name_the_file_and_field(tmp_path: Path, content: str,
@@ -373,6 +381,22 @@ def test_vm_module_connection_errors_are_one_line(fleet: Fleet) -> None:
     assert msgs[4] is None and msgs[5] is None, msgs
     assert all("\n" not in m for m in msgs if m)
     assert not any(changed(p))
+
+
+def test_vm_module_bad_specs_fail_with_the_agents_line(fleet: Fleet) -> None:
+    cases = [({"name": "no/such"}, "is not a valid name"),
+             ({"name": "tiny", "memory_mib": 1}, "memory_mib: "),
+             ({"name": "tiny", "vcpus": 2, "max_vcpus": 1}, "vcpus (2) is above max_vcpus (1)"),
+             ({"name": "tiny", "disks": [{"path": "/x.qcow2", "size": "1G"}]},
+              "give exactly one of path (existing image) or size (new disk)"),
+             ({"name": "tiny", "kernel": "/etc/passwd"}, "kernel: ")]
+    p = fleet.ansible.play([{"corehost.hvagent.vm": args, "ignore_errors": True}
+                            for args, _ in cases])
+    for (args, error), r in zip(cases, p.results, strict=True):
+        assert r and r["failed"] and error in r["msg"], (args, r)
+        assert re.search(r"\(HTTP 4\d\d\)$", r["msg"]) and "\n" not in r["msg"], r["msg"]
+    names = {vm["name"] for vm in fleet.alpha.root_client.get("/vms").json()}
+    assert "tiny" not in names
 
 
 # the checkpoint module

@@ -31,6 +31,9 @@ API = "/api/v1"
 HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 HOST_KEYS = frozenset({"name", "url", "socket", "ca_fingerprint", "token", "token_file"})
 TOP_KEYS = frozenset({"default", "hosts"})
+# A token goes into an HTTP header: printable ASCII, no spaces (the agent's are hvt_...).
+TOKEN_RE = re.compile(r"^[!-~]+$")
+TOKEN_RULE = "must be one token (printable ASCII, no spaces or line breaks)"
 DEFAULT_TIMEOUT = 60.0
 JOB_TIMEOUT = 3600.0
 JOB_POLL = 0.2
@@ -105,8 +108,8 @@ def check_url(value: object) -> str:
         raise ValueError(f"{value!r} is not a URL: {e}") from None
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError(f"{value!r}: the agent's TCP listener speaks only https://host:port")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{value!r}: give the agent's base URL (no path)")
+    if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{value!r}: only https://HOST[:PORT] (no path, query or user)")
     return value.rstrip("/")
 
 
@@ -116,9 +119,15 @@ def _read_token_file(path: str) -> str:
             token = f.read().strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: unreadable: {getattr(e, 'strerror', None) or e}") from None
-    if not token or any(c.isspace() for c in token):
-        raise ValueError(f"{path}: does not hold one token")
+    if not TOKEN_RE.match(token):
+        raise ValueError(f"{path}: {TOKEN_RULE}")
     return token
+
+
+def check_token(value: str) -> str:
+    if not TOKEN_RE.match(value.strip()):
+        raise ValueError(TOKEN_RULE)
+    return value.strip()
 
 
 def _host(entry: object, where: str, base_dir: str) -> Target:
@@ -127,10 +136,16 @@ def _host(entry: object, where: str, base_dir: str) -> Target:
     for key in entry:
         if key not in HOST_KEYS:
             raise AgentError(f"{where}.{key}: unknown key (known: {', '.join(sorted(HOST_KEYS))})")
+    for key, value in entry.items():
+        if not isinstance(value, str):
+            # e.g. an unquoted fingerprint of digits, which YAML reads as a number
+            raise AgentError(f"{where}.{key}: must be a string (quote it)")
+        if not value.strip():
+            raise AgentError(f"{where}.{key}: empty")
     name = entry.get("name")
     if name is None:
         raise AgentError(f"{where}.name: missing")
-    if not isinstance(name, str) or not HOST_NAME_RE.match(name):
+    if not HOST_NAME_RE.match(name):
         raise AgentError(f"{where}.name: {name!r} is not a host name "
                          "([A-Za-z0-9][A-Za-z0-9._-]{0,62})")
     url, sock = entry.get("url"), entry.get("socket")
@@ -148,8 +163,6 @@ def _host(entry: object, where: str, base_dir: str) -> Target:
             raise AgentError(f"{where}.ca_fingerprint: missing (an https agent is trusted "
                              "only by its CA's pinned fingerprint)")
     else:
-        if not isinstance(sock, str) or not sock:
-            raise AgentError(f"{where}.socket: must be a path")
         if "ca_fingerprint" in entry:
             raise AgentError(f"{where}.ca_fingerprint: a unix socket needs no fingerprint")
         sock = os.path.join(base_dir, os.path.expanduser(sock))
@@ -161,12 +174,13 @@ def _host(entry: object, where: str, base_dir: str) -> Target:
     token = entry.get("token")
     if token is not None and "token_file" in entry:
         raise AgentError(f"{where}.token: give token or token_file, not both")
-    if token is not None and (not isinstance(token, str) or not token):
-        raise AgentError(f"{where}.token: must be a non-empty string")
+    if token is not None:
+        try:
+            token = check_token(token)
+        except ValueError as e:
+            raise AgentError(f"{where}.token: {e}") from None
     if "token_file" in entry:
         tf = entry["token_file"]
-        if not isinstance(tf, str) or not tf:
-            raise AgentError(f"{where}.token_file: must be a path")
         try:
             token = _read_token_file(os.path.join(base_dir, os.path.expanduser(tf)))
         except ValueError as e:
@@ -220,7 +234,9 @@ def _fleet(data: object, path: str) -> Fleet:
     for key in data:
         if key not in TOP_KEYS:
             raise AgentError(f"{key}: unknown key (known: default, hosts)")
-    hosts = data.get("hosts", [])
+    if "hosts" not in data:
+        raise AgentError("hosts: missing (a list of hosts)")
+    hosts = data["hosts"]
     if not isinstance(hosts, list):
         raise AgentError("hosts: must be a list")
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -241,6 +257,11 @@ def target_from_params(p: dict[str, Any]) -> Target:
     """The agent a module's connection options name: `url` (+ ca_fingerprint) or
     `socket` explicitly, else `host` in the hosts file, else the file's default."""
     token = p.get("token")
+    if token is not None:
+        try:
+            token = check_token(token)
+        except ValueError as e:
+            raise AgentError(f"token: {e}") from None
     if p.get("token_file"):
         try:
             token = _read_token_file(p["token_file"])

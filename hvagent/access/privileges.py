@@ -27,6 +27,7 @@ class Privilege(StrEnum):
     NETWORK_ALLOCATE = "Network.Allocate"
     SYS_AUDIT = "Sys.Audit"
     SYS_MODIFY = "Sys.Modify"
+    SYS_METRICS = "Sys.Metrics"  # read the Prometheus metrics (GET /metrics)
     PERMISSIONS_MODIFY = "Permissions.Modify"
 
 
@@ -54,6 +55,10 @@ BUILTIN_ROLES: dict[str, Role] = {r.name: r for r in (
     # Sys.Audit: the agent's status, the audit log and every job where it holds the role
     # on / (the jobs of the VMs it may see need only VM.Audit).
     Role("VMOperator", frozenset({*VM_CONFIG, P.VM_POWERMGMT, P.VM_CONSOLE, P.VM_SNAPSHOT,
-                                  P.VM_SNAPSHOT_ROLLBACK, P.VM_AUDIT, P.SYS_AUDIT})),
-    Role("Auditor", frozenset({P.VM_AUDIT, P.SYS_AUDIT})),
+                                  P.VM_SNAPSHOT_ROLLBACK, P.VM_AUDIT, P.SYS_AUDIT,
+                                  P.SYS_METRICS})),
+    # Sys.Metrics: they see all of it through Sys.Audit already.
+    Role("Auditor", frozenset({P.VM_AUDIT, P.SYS_AUDIT, P.SYS_METRICS})),
+    # A Prometheus server's token: the metrics and nothing else.
+    Role("MetricsReader", frozenset({P.SYS_METRICS})),
 )}

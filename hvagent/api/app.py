@@ -15,12 +15,13 @@ from hvagent.access.policy import load_policy
 from hvagent.access.principal import ROOT
 from hvagent.access.privileges import ADMINISTRATOR
 from hvagent.access.security import Security
-from hvagent.api import audit, auth, errors, listeners, v1
+from hvagent.api import audit, auth, errors, listeners, metrics, v1
 from hvagent.config import AgentConfig, agent_version
 from hvagent.host.persistence import state_persistence
 from hvagent.services.checkpoints import CheckpointService
 from hvagent.services.devices import DeviceService
 from hvagent.services.jobs import Jobs
+from hvagent.services.metrics import AgentMetrics
 from hvagent.services.vms import VMService
 from hvagent.store import Store
 
@@ -57,8 +58,9 @@ def create_app(config: AgentConfig) -> FastAPI:
         for warning in persistence.warnings:
             log.warning("%s (%s)", warning, persistence.reason)
         # Before startup: they listen to QMP events and recover interrupted work.
-        app.state.devices = DeviceService(vms)
-        app.state.checkpoints = CheckpointService(vms)
+        app.state.devices = DeviceService(vms, agent_metrics.ops)
+        app.state.checkpoints = CheckpointService(vms, agent_metrics.ops)
+        agent_metrics.bind(vms)
         app.state.disks = vms.disks
         # Probe the accelerator once before serving (cached per host boot).
         await asyncio.to_thread(lambda: vms.accel)
@@ -75,10 +77,15 @@ def create_app(config: AgentConfig) -> FastAPI:
     policy = load_policy(config.policy)  # a bad policy file stops the agent before it serves
     app = FastAPI(title="hvagent", version=agent_version(), lifespan=lifespan,
                   description="Child VM (partition) management of a corehost host.")
+    # One registry per app (not the process's default): several apps may share a process.
+    app.state.metrics = agent_metrics = AgentMetrics()
     errors.install(app)
     app.include_router(v1.router)
+    app.include_router(metrics.router)
     app.include_router(audit.router, prefix="/api/v1")
     listeners.add_ca_route(app, config)
     auth.install(app)  # last: it checks every route declares a privilege
+    # Outermost: times every request, those the security middleware refuses too.
+    app.add_middleware(metrics.RequestTimer, metrics=agent_metrics)
     errors.declare(app)  # the error statuses of every operation, in the OpenAPI document
     return app

@@ -30,6 +30,7 @@ import shutil
 import signal
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,9 +61,10 @@ from hvagent.host import run
 from hvagent.spec import DimmSpec, Firmware, VMSpec
 
 __all__ = [
-    "LAUNCH_QMP_TIMEOUT", "QMP_TIMEOUT", "Machine", "Machines", "MonitorGone",
+    "LAUNCH_QMP_TIMEOUT", "QMP_TIMEOUT", "BlockStats", "Machine", "Machines", "MonitorGone",
     "MonitorUnresponsive", "VMFiles", "build_command", "is_alive", "kill", "launch",
-    "prepare_files", "read_pid", "remove_files", "settle_pending", "tail", "without",
+    "prepare_files", "process_cpu_seconds", "read_pid", "remove_files", "settle_pending",
+    "tail", "without",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,21 @@ def is_alive(pid: int | None, files: VMFiles) -> bool:
     return files.qmp_arg.encode() in cmdline
 
 
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) the process `pid` has used, from /proc/<pid>/stat; None
+    when there is no such process."""
+    if not pid:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the parenthesised command (which may hold spaces): utime is the 14th
+    # field of the line, stime the 15th, in clock ticks.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -157,6 +174,16 @@ def tail(path: Path, lines: int) -> str:
             return "".join(deque(f, maxlen=lines))
     except FileNotFoundError:
         return ""
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """I/O counters of one block device since QEMU started (QMP query-blockstats)."""
+
+    read_bytes: int
+    write_bytes: int
+    read_requests: int
+    write_requests: int
 
 
 # one running VM
@@ -366,6 +393,20 @@ class Machine:
             qdev = str(b.get("qdev", ""))
             if qdev.startswith("/machine/peripheral/") and b.get("inserted"):
                 out[qdev.split("/")[3]] = b["inserted"]
+        return out
+
+    async def block_stats(self, timeout: float = QMP_TIMEOUT) -> dict[str, BlockStats]:
+        """Device id (disk0, hpdisk1, ...) -> its I/O counters, for the guest's disks."""
+        out = {}
+        for b in await self._monitor.command("query-blockstats", timeout=timeout):
+            qdev = str(b.get("qdev", ""))
+            if not qdev.startswith("/machine/peripheral/"):
+                continue
+            st = b.get("stats", {})
+            out[qdev.split("/")[3]] = BlockStats(
+                read_bytes=int(st.get("rd_bytes", 0)), write_bytes=int(st.get("wr_bytes", 0)),
+                read_requests=int(st.get("rd_operations", 0)),
+                write_requests=int(st.get("wr_operations", 0)))
         return out
 
     async def disk_nodes(self, spec: VMSpec) -> list[str]:

@@ -41,6 +41,7 @@ from hvagent.drivers.cmdline import disk_node
 from hvagent.drivers.machine import Machine
 from hvagent.errors import Conflict, HVError, NotFound, OperationFailed
 from hvagent.services.jobs import Job
+from hvagent.services.metrics import OperationMetrics
 from hvagent.spec import ACTIVE_STATES, DiskFormat, DiskSpec, VMSpec, VMState
 from hvagent.store.checkpoints import CheckpointMethod, CheckpointRow, CheckpointStatus
 
@@ -113,9 +114,10 @@ async def _unsaveable(path: str) -> bool:
 
 
 class CheckpointService:
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: VMService, metrics: OperationMetrics | None = None) -> None:
         self.vms = vms
         self.store = vms.store
+        self.duration = (metrics or OperationMetrics()).checkpoint_duration
         vms.startup_hooks.append(self.recover)
         vms.delete_hooks.append(self._vm_deleted)
 
@@ -524,7 +526,13 @@ class CheckpointService:
     # helpers
 
     def _start_job(self, kind: str, vm: str, work: Any) -> Job:
-        return self.vms.jobs.start(kind, vm, work, on_done=lambda: self.vms.locks.release(vm))
+        timer = self.duration.labels(operation=kind.removeprefix("checkpoint-"))
+
+        async def timed(progress: Callable[[float], None]) -> Any:
+            with timer.time():
+                return await work(progress)
+
+        return self.vms.jobs.start(kind, vm, timed, on_done=lambda: self.vms.locks.release(vm))
 
     def _state(self, vm: str) -> str:
         row = self.store.get_vm(vm)

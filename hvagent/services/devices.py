@@ -27,6 +27,7 @@ from hvagent.drivers.cmdline import dimm_ids, disk_node, nic_ids, without
 from hvagent.drivers.machine import DeviceKind, Machine
 from hvagent.errors import Conflict, InvalidRequest, NotFound
 from hvagent.services.limits import check_host_limits
+from hvagent.services.metrics import OperationMetrics
 from hvagent.services.networks import check_vlan
 from hvagent.spec import (
     ACTIVE_STATES,
@@ -82,8 +83,9 @@ class Change(BaseModel):
 
 
 class DeviceService:
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: VMService, metrics: OperationMetrics | None = None) -> None:
         self.vms = vms
+        self.hotadd_duration = (metrics or OperationMetrics()).hotadd_duration
         vms.event_listeners.append(self._on_event)
 
     # queries
@@ -150,7 +152,8 @@ class DeviceService:
         dimm = DimmSpec(slot=slot, size_mib=delta)
         new = _with(spec, memory_mib=spec.memory_mib + delta, dimms=[*spec.dimms, dimm])
         self.vms.admission.admit(new, previous=spec)
-        await m.hot_add_memory(dimm)
+        with self.hotadd_duration.labels(device="memory").time():
+            await m.hot_add_memory(dimm)
         return await self._commit(name, spec, new, "done",
                                   f"added a {delta} MiB DIMM in slot {slot}")
 
@@ -201,7 +204,8 @@ class DeviceService:
                 added: list[str] = []
                 try:
                     for _ in range(vcpus - spec.vcpus):
-                        added.append(await m.hot_add_vcpu())
+                        with self.hotadd_duration.labels(device="vcpu").time():
+                            added.append(await m.hot_add_vcpu())
                 except BaseException:
                     await m.remove_devices(added)  # all or nothing
                     raise
@@ -243,7 +247,8 @@ class DeviceService:
                 new = _with(spec, disks=[*spec.disks, resolved.model_copy(update={"slot": slot})])
                 self.vms.admission.admit(new, previous=spec)
                 if m is not None:
-                    await m.hot_add_disk(new, len(new.disks) - 1)
+                    with self.hotadd_duration.labels(device="disk").time():
+                        await m.hot_add_disk(new, len(new.disks) - 1)
                 return await self._commit(name, spec, new, "done",
                                           f"attached {resolved.path}")
             except BaseException:
@@ -283,7 +288,8 @@ class DeviceService:
                 added = new.nics[-1]
                 await self.vms.networks.plug(added)  # QEMU opens the tap by name
                 try:
-                    await m.hot_add_nic(new, len(new.nics) - 1)
+                    with self.hotadd_duration.labels(device="nic").time():
+                        await m.hot_add_nic(new, len(new.nics) - 1)
                 except BaseException:
                     await self.vms.networks.unplug(added)
                     raise

@@ -38,8 +38,9 @@ ROLE_PRIVILEGES: dict[str, set[str]] = {
     "VMCreator": {"VM.Allocate", "VM.Audit", *VM_CONFIG, "VM.PowerMgmt", "VM.Console",
                   "VM.Snapshot", "VM.Snapshot.Rollback"},
     "VMOperator": {*VM_CONFIG, "VM.PowerMgmt", "VM.Console", "VM.Snapshot",
-                   "VM.Snapshot.Rollback", "VM.Audit", "Sys.Audit"},
-    "Auditor": {"VM.Audit", "Sys.Audit"},
+                   "VM.Snapshot.Rollback", "VM.Audit", "Sys.Audit", "Sys.Metrics"},
+    "Auditor": {"VM.Audit", "Sys.Audit", "Sys.Metrics"},
+    "MetricsReader": {"Sys.Metrics"},
 }
 OWNER_ONLY = {"VMCreator"}
 BAD = ("no-token", "bad-token", "revoked", "expired")
@@ -73,8 +74,10 @@ def test_disk_routes_are_mounted_with_their_privileges() -> None:
     assert got == DISK_ROUTES
 
 
-def _url(path: str) -> str:
-    return re.sub(r"\{[^}]+\}", MISSING, path.removeprefix("/api/v1"))
+def _url(path: str, origin: str) -> str:
+    """The absolute URL of a route (the clients' base URL is /api/v1; /metrics is not
+    under it)."""
+    return origin + re.sub(r"\{[^}]+\}", MISSING, path)
 
 
 def _body(method: str) -> Any:
@@ -129,7 +132,7 @@ def test_matrix(agent: dict[str, Any], method: str, path: str, who: str) -> None
     a: SecureAgent = agent["agent"]
     req = ROUTES[(method, path)]
     with a.client(agent["creds"][who]) as c:
-        r = c.request(method, _url(path), json=_body(method))
+        r = c.request(method, _url(path, a.url), json=_body(method))
     if who in BAD:
         assert r.status_code == 401, r.text
         assert r.headers["content-type"] == "application/problem+json"
@@ -146,5 +149,5 @@ def test_matrix(agent: dict[str, Any], method: str, path: str, who: str) -> None
 def test_root_on_the_unix_socket_needs_no_token(agent: dict[str, Any], method: str,
                                                 path: str) -> None:
     a: SecureAgent = agent["agent"]
-    r = a.root_client.request(method, _url(path), json=_body(method))
+    r = a.root_client.request(method, _url(path, "http://hvagent"), json=_body(method))
     assert r.status_code not in (401, 403) and r.status_code < 500, r.text

@@ -46,6 +46,20 @@ def _save(known: dict[str, dict[str, str]]) -> None:
     os.replace(tmp, f)
 
 
+def _remember(base: str, entry: dict[str, str]) -> None:
+    """Add one agent's pin to the file, under a lock and re-read: hvctl --all-hosts
+    pins several hosts at once, and none may overwrite another's entry."""
+    import fcntl
+
+    d = config_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with (d / ".agents.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        known = _load()
+        known[base] = entry
+        _save(known)
+
+
 def base_of(url: str) -> tuple[str, str, int]:
     """("https://host:port", host, port) of an agent URL; only https is accepted."""
     parts = urlsplit(url)
@@ -131,8 +145,7 @@ def ssl_context(url: str, ca_fingerprint: str | None) -> ssl.SSLContext:
         if entry is None or entry.get("fingerprint") != want:
             pem = fetch_ca(host, port, want)
             entry = {"fingerprint": want, "ca": pem.decode()}
-            known[base] = entry
-            _save(known)
+            _remember(base, entry)
     if entry is None:
         raise InvalidRequest(f"{base}: agent not pinned yet; pass --ca-fingerprint (the agent "
                              "logs 'TLS CA fingerprint' when it starts)")

@@ -10,10 +10,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 from hvagent.access.privileges import Privilege as P
 from hvagent.api.auth import require
+from hvagent.api.routes import routes
 from hvagent.services.metrics import AgentMetrics
 
 router = APIRouter(tags=["metrics"])
@@ -37,19 +38,23 @@ Scope = MutableMapping[str, Any]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def route_template(scope: Scope) -> str:
-    """The path template of the route that served the request (`/api/v1/vms/{name}`),
-    never the raw path: a label value per VM name would grow without bound."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
-    app = scope.get("app")
-    for r in getattr(getattr(app, "router", None), "routes", ()):
-        match, _ = r.matches(scope)
-        if match is Match.FULL:
-            return str(getattr(r, "path", UNMATCHED))
-    return UNMATCHED
+class RouteTemplates:
+    """The full path template of the route a request is for (`/api/v1/vms/{name}`),
+    never the raw path: a label value per VM name would grow without bound. Also for
+    requests that never reached their route (a 401 from the security middleware)."""
+
+    def __init__(self, app: Any) -> None:
+        self._by_route = {id(r): path for path, r in routes(app)}
+        self._patterns = [(compile_path(path)[0], path) for path in self._by_route.values()]
+
+    def __call__(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is not None and id(route) in self._by_route:
+            return self._by_route[id(route)]
+        for pattern, path in self._patterns:
+            if pattern.match(scope["path"]):
+                return path
+        return UNMATCHED
 
 
 class RequestTimer:
@@ -59,6 +64,7 @@ class RequestTimer:
     def __init__(self, app: Any, metrics: AgentMetrics) -> None:
         self.app = app
         self.histogram = metrics.ops.http_duration
+        self._templates: RouteTemplates | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,5 +81,8 @@ class RequestTimer:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.histogram.labels(method=scope["method"], route=route_template(scope),
+            if self._templates is None:  # the routes are all there by the first request
+                self._templates = RouteTemplates(scope["app"])
+            route = self._templates(scope)
+            self.histogram.labels(method=scope["method"], route=route,
                                   status=str(status[0])).observe(time.perf_counter() - start)

@@ -322,13 +322,18 @@ def test_check_mode_reports_changes_and_changes_nothing(fleet: Fleet) -> None:
     before = fleet.vm()
     p = ok(fleet.ansible.play([fleet.web_task(memory_mib=384),
                                fleet.web_task(state="stopped"),
-                               fleet.web_task(state="absent")], "--check", "--diff"))
-    assert changed(p) == [True, True, True]
+                               fleet.web_task(state="absent"),
+                               fleet.web_task(name="ghost")], "--check", "--diff"))
+    assert changed(p) == [True, True, True, True]
     assert p[0]["diff"] == {"before": {"state": "running", "memory_mib": 256, "vcpus": 1},
                             "after": {"state": "running", "memory_mib": 384, "vcpus": 1}}
     assert p[0]["changes"] == ["hot-add memory_mib 256 -> 384"]
     assert p[1]["diff"]["after"]["state"] == "stopped"
     assert p[2]["diff"]["after"] == {"state": "absent"}
+    assert p[3]["changes"] == ["create ghost", "start ghost"]
+    assert p[3]["diff"] == {"before": {"state": "absent"},
+                            "after": {"state": "running", "memory_mib": 256, "vcpus": 1}}
+    assert fleet.alpha.root_client.get("/vms/ghost").status_code == 404
     after = fleet.vm()
     assert after["state"] == "running" and after["spec"] == before["spec"]
     assert after["pid"] == before["pid"]

@@ -207,6 +207,8 @@ def test_inventory_lists_every_vm_of_both_agents(fleet: Fleet) -> None:
     r = _inventory(fleet, "beta.hvagent.yaml", {"hosts": ["beta"]})
     assert r.returncode == 0, r.stderr
     assert {"shared", "solo"} <= set(json.loads(r.stdout)["_meta"]["hostvars"])
+    r = _inventory(fleet, "nope.hvagent.yml", {"hosts": ["beta", "nope"]}, unparsed_fails=True)
+    assert r.returncode != 0 and "hosts: nope: not in " in r.stderr, r.stderr
 
 
 def test_inventory_unreachable_agent_is_a_warning_or_strict_error(fleet: Fleet) -> None:
@@ -377,14 +379,14 @@ def test_vm_module_connection_errors_are_one_line(fleet: Fleet) -> None:
         {"corehost.hvagent.vm": {**base, "socket": str(fleet.alpha.socket)}},
     ]
     p = fleet.ansible.play([{**t, "ignore_errors": True} for t in tasks])
-    msgs = [r["msg"] if r and r.get("failed") else None for r in p.results]
+    msgs = [str(r["msg"]) if r and r.get("failed") else "" for r in p.results]
     assert "no host named 'nowhere' (hosts: alpha, beta)" in msgs[0]
     assert f"CA fingerprint is {fleet.alpha.fingerprint()}, not the pinned {other_fp}" \
         in msgs[1]
     assert msgs[2].startswith("url: ") and "speaks only https://" in msgs[2]
     assert "(HTTP 401)" in msgs[3]
-    assert msgs[4] is None and msgs[5] is None, msgs
-    assert all("\n" not in m for m in msgs if m)
+    assert msgs[4] == "" and msgs[5] == "", msgs
+    assert all("\n" not in m for m in msgs)
     assert not any(changed(p))
 
 

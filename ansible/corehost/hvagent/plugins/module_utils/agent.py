@@ -165,7 +165,7 @@ def _host(entry: object, where: str, base_dir: str) -> Target:
     else:
         if "ca_fingerprint" in entry:
             raise AgentError(f"{where}.ca_fingerprint: a unix socket needs no fingerprint")
-        sock = os.path.join(base_dir, os.path.expanduser(sock))
+        sock = os.path.join(base_dir, os.path.expanduser(str(sock)))
     if "ca_fingerprint" in entry:
         try:
             fingerprint = normalize_fingerprint(entry["ca_fingerprint"])

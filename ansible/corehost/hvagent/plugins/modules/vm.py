@@ -329,13 +329,16 @@ def main() -> None:
         mutually_exclusive=CONNECTION_EXCLUSIVE,
         supports_check_mode=True,
     )
-    task = None
     try:
         client = Client(target_from_params(module.params), module.params["timeout"])
-        task = VmTask(module, client)
+    except AgentError as e:
+        module.fail_json(msg=e.message, changes=[])
+    task = VmTask(module, client)
+    try:
         vm, after = task.run()
     except AgentError as e:
-        module.fail_json(msg=e.message, changes=task.changes if task else [])
+        # what was done before the failure, so that a rerun is understood
+        module.fail_json(msg=e.message, changes=task.changes)
     for w in task.warnings:
         module.warn(w)
     result: dict[str, Any] = {"changed": bool(task.changes), "changes": task.changes}

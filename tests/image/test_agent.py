@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import yaml
 from testinfra.host import Host
@@ -27,3 +29,27 @@ def test_agent_commands_on_path(host: Host) -> None:
     for tool in ("hvagent", "hvctl", "hvdisk"):
         assert host.run(f"{tool} --help").rc == 0, tool
     assert host.group("hvagent").exists
+
+
+# Run by the agent's own interpreter (httpx is in its venv), as root on its socket.
+PUSH_POLICY = """
+import sys, httpx
+c = httpx.Client(transport=httpx.HTTPTransport(uds=sys.argv[1]),
+                 base_url="http://hvagent/api/v1", timeout=60)
+before = c.get("/policy").json()["text"]
+pushed = c.put("/policy", json={"text": before + "\\n# pushed by the image test\\n"})
+after = open(sys.argv[2]).read()
+restored = c.put("/policy", json={"text": before})
+print(pushed.status_code, restored.status_code, "# pushed by the image test" in after)
+"""
+
+
+def test_the_agent_may_replace_its_policy_file_inside_its_sandbox(host: Host) -> None:
+    # ProtectSystem=strict leaves /etc read-only to the agent unless its unit says
+    # otherwise: PUT /api/v1/policy must still rename the new file into place.
+    cfg = yaml.safe_load(host.file("/etc/hvagent/hvagent.yaml").content_string)
+    policy = cfg.get("policy", "/etc/hvagent/policy.yaml")
+    r = host.run(f"/opt/hvagent/bin/python -c {shlex.quote(PUSH_POLICY)} "
+                 f"{shlex.quote(cfg['listen'])} {shlex.quote(policy)}")
+    assert r.rc == 0, r.stderr
+    assert r.stdout.split() == ["200", "200", "True"], r.stdout

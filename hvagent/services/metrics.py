@@ -113,22 +113,19 @@ class AgentMetrics:
         self.ops = OperationMetrics(self.registry)
         self._store: Store | None = None
         self._vms: VMService | None = None
-        self._samples: list[DomainSample] = []
-        self._lock = asyncio.Lock()
 
     def bind(self, vms: VMService) -> None:
         """Collect the VMs and jobs of `vms` from now on."""
         self._store, self._vms = vms.store, vms
-        self.registry.register(_Series(self))
 
     async def render(self) -> bytes:
-        """The Prometheus text exposition of everything, sampled now."""
-        async with self._lock:  # one sample at a time: the collector reads it
-            self._samples = await self._sample()
-            try:
-                return generate_latest(self.registry)
-            finally:
-                self._samples = []
+        """The Prometheus text exposition of everything, sampled now. Scrapes run side
+        by side, each with its own sample (no lock: behind a stuck VM's deadline,
+        scrapes arriving faster than it would queue up without end)."""
+        samples = await self._sample()
+        series = CollectorRegistry(auto_describe=False)
+        series.register(_Series(samples, self._store))
+        return generate_latest(self.registry) + generate_latest(series)
 
     async def _sample(self) -> list[DomainSample]:
         if self._store is None or self._vms is None:
@@ -167,14 +164,17 @@ class AgentMetrics:
 
 
 class _Series(Collector):
-    def __init__(self, metrics: AgentMetrics) -> None:
-        self.metrics = metrics
+    """One scrape's per-VM and host series."""
+
+    def __init__(self, samples: list[DomainSample], store: Store | None) -> None:
+        self.samples = samples
+        self.store = store
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected only at scrape time, never at registration
 
     def collect(self) -> Iterator[Metric]:
-        samples = self.metrics._samples
+        samples = self.samples
         yield from _domain_series(samples)
         by_state = Tally(s.state for s in samples)
         vms = GaugeMetricFamily("hvagent_vms", "VMs defined on this host, by state",
@@ -182,7 +182,7 @@ class _Series(Collector):
         for state in VMState:
             vms.add_metric([str(state)], by_state.get(state, 0))
         yield vms
-        store = self.metrics._store
+        store = self.store
         if store is not None:
             by_status = Tally(j.status for j in store.jobs.list())
             jobs = GaugeMetricFamily("hvagent_jobs", "Jobs known to the agent, by state "

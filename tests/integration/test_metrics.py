@@ -8,7 +8,9 @@ dashboard's queries against what the agent really exports."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import ssl
 import subprocess
 import time
@@ -22,6 +24,8 @@ import tinyguest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from secure_agent import REPO, SecureAgent, free_port
+
+from hvagent.services.metrics import VM_QUERY_TIMEOUT
 
 pytestmark = pytest.mark.integration
 
@@ -282,3 +286,38 @@ def test_dashboard_queries_only_metrics_the_agent_exports(setup: dict[str, Any])
         concrete = (e.replace("$__rate_interval", "1m").replace("$__interval", "1m")
                     .replace("$instance", ".*").replace("$domain", ".*"))
         prom.query(concrete)
+
+
+# Last in this module: it freezes the VM's QEMU for a moment.
+
+
+def test_a_vm_whose_monitor_is_stuck_does_not_stall_the_scrape(
+        setup: dict[str, Any]) -> None:
+    a: SecureAgent = setup["agent"]
+    pid = a.root_client.get(f"/vms/{VM}").json()["pid"]
+    errors = f'hvagent_scrape_errors_total{{domain="{VM}"}}'
+    before = _value(_scrape(a), "hvagent_scrape_errors_total", VM) or 0
+    os.kill(pid, signal.SIGSTOP)  # QEMU reads nothing from its QMP socket any more
+    try:
+        # A client that gives up well before the agent's own QMP deadline would pass:
+        # the per-VM bound is what keeps the scrape short.
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(a.socket)),
+                          timeout=3 * VM_QUERY_TIMEOUT) as c:
+            r = c.get("http://hvagent/metrics")
+        assert r.status_code == 200, r.text
+        text = r.text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # (Prometheus's own scrapes meanwhile count too.)
+    assert (_value(text, "hvagent_scrape_errors_total", VM) or 0) > before, errors
+    assert _value(text, "hvagent_domain_info_virtual_cpus", VM) is not None
+    assert not [s for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name.startswith("hvagent_domain_block_stats_")
+                and s.labels.get("domain") == VM]
+    # The monitor answers again: the block series are back.
+    assert _value(_scrape(a), "hvagent_domain_block_stats_read_bytes_total", VM)
+
+
+def _value(text: str, name: str, domain: str) -> float | None:
+    found = [s.value for s in _samples(text, name) if s.labels.get("domain") == domain]
+    return found[0] if found else None

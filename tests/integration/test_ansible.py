@@ -480,12 +480,26 @@ def test_policy_push_is_applied_once_and_a_bad_one_fails_in_one_line(fleet: Flee
     assert _policy(fleet)["text"] == text
 
 
-# last: the VM goes
+# last: the VM stops, then goes
+
+
+def test_stopped_powers_off_then_resizes_cold(fleet: Fleet) -> None:
+    task = fleet.web_task(state="stopped", memory_mib=512, vcpus=1)
+    p = ok(fleet.ansible.play([task, task], "--diff"))
+    assert changed(p) == [True, False]
+    assert p[0]["changes"] == [f"stop {WEB}", "set memory_mib 384 -> 512", "set vcpus 2 -> 1"]
+    assert p[0]["diff"]["after"] == {"state": "stopped", "memory_mib": 512, "vcpus": 1}
+    vm = fleet.vm()
+    assert vm["state"] == "stopped" and vm["pid"] is None
+    assert (vm["spec"]["memory_mib"], vm["spec"]["vcpus"]) == (512, 1)
+    # by ACPI: the guest saw the power button
+    console = fleet.alpha.root_client.get(f"/vms/{WEB}/console", params={"lines": 100000})
+    assert tinyguest.POWEROFF_MARKER in console.json()["text"]
 
 
 def test_absent_removes_the_vm_once(fleet: Fleet) -> None:
     p = ok(fleet.ansible.play([fleet.web_task(state="absent"),
                                fleet.web_task(state="absent")]))
     assert changed(p) == [True, False]
-    assert p[0]["changes"] == [f"stop {WEB} (forced)", f"delete {WEB}"]
+    assert p[0]["changes"] == [f"delete {WEB}"]
     assert fleet.alpha.root_client.get(f"/vms/{WEB}").status_code == 404

@@ -477,6 +477,11 @@ def test_policy_push_is_applied_once_and_a_bad_one_fails_in_one_line(fleet: Flee
         assert r and r["failed"], (content, r)
         assert field in r["msg"] and re.search(r"\(HTTP 4\d\d\)$", r["msg"]), r["msg"]
         assert "\n" not in r["msg"]
+    missing = fleet.ansible.root / "no-such-policy.yaml"
+    p = fleet.ansible.play([{"corehost.hvagent.policy": {"src": str(missing)},
+                             "ignore_errors": True}])
+    assert p[0]["failed"] and p[0]["msg"] == f"src: {missing}: unreadable: No such file or " \
+                                             "directory"
     assert _policy(fleet)["text"] == text
 
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash ci/host-deps.sh
 bash ci/venv.sh test
 export PATH="$PWD/.venv/bin:$PATH"
-ruff check builder hvagent tests bench
+ruff check builder hvagent ansible tests bench
 lint-imports  # the layers, as .importlinter states them
 # Two workers, one test file each at a time (module fixtures stay on one worker).
 pytest -n 2 --dist loadfile tests --ignore=tests/image --ignore=tests/deploy --ignore=tests/builds

@@ -321,3 +321,82 @@ def test_a_vm_whose_monitor_is_stuck_does_not_stall_the_scrape(
 def _value(text: str, name: str, domain: str) -> float | None:
     found = [s.value for s in _samples(text, name) if s.labels.get("domain") == domain]
     return found[0] if found else None
+
+
+# NICs on taps, against an agent in a network namespace of its own (its bridge and tap
+# never touch the host's network).
+
+
+class NetnsAgent(SecureAgent):
+    def __init__(self, root: Path, netns: str) -> None:
+        super().__init__(root)
+        self.netns = netns
+        self.wrapper = ("ip", "netns", "exec", netns)
+
+    def tap_counters(self, tap: str) -> dict[str, int]:
+        """The tap's kernel counters, read inside the agent's namespace."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.netns, "sh", "-c",
+             f"cd /sys/class/net/{tap}/statistics && "
+             "echo $(cat rx_bytes rx_packets tx_bytes tx_packets)"],
+            capture_output=True, text=True, check=True, timeout=60).stdout.split()
+        return dict(zip(("rx_bytes", "rx_packets", "tx_bytes", "tx_packets"),
+                        map(int, out), strict=True))
+
+
+@pytest.fixture(scope="module")
+def tap_vm(tmp_path_factory: pytest.TempPathFactory,
+           tiny_guest: tinyguest.TinyGuest) -> Iterator[tuple[NetnsAgent, str]]:
+    netns = f"hvt-metrics-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True, timeout=60)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True,
+                       timeout=60)
+        root = tmp_path_factory.mktemp("metrics-tap")
+        a = NetnsAgent(root, netns)
+        a.start()
+        mac = "52:54:00:0a:0d:01"
+        try:
+            # It pings an address nobody has: the guest sends ARP requests and hardly
+            # receives anything, so sent and received differ.
+            r = a.root_client.post("/vms", json={
+                "name": VM, "memory_mib": 256, "kernel": str(tiny_guest.kernel),
+                "initrd": str(tiny_guest.initrd), "nics": [{"vlan": 10, "mac": mac}],
+                "append": tiny_guest.append(ip="10.0.10.1/24", ping=("10.0.10.99",))})
+            assert r.status_code == 201, r.text
+            assert a.root_client.post(f"/vms/{VM}/start").status_code == 200
+            _wait_console(a, "TINY-PING peer=10.0.10.99")
+            yield a, "hv" + mac.replace(":", "")
+        finally:
+            a.root_client.post(f"/vms/{VM}/stop", json={"force": True})
+            a.stop()
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False, timeout=60)
+
+
+def test_tap_nic_counters_are_the_guests_point_of_view(
+        tap_vm: tuple[NetnsAgent, str]) -> None:
+    a, tap = tap_vm
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:  # until the guest has clearly sent more than it received
+        c = a.tap_counters(tap)
+        if c["rx_packets"] > c["tx_packets"] + 3 and c["rx_bytes"] > c["tx_bytes"] + 100:
+            break
+        assert time.monotonic() < deadline, c
+        time.sleep(0.5)
+    before = a.tap_counters(tap)
+    text = _scrape(a)
+    after = a.tap_counters(tap)
+
+    def metric(name: str) -> float:
+        found = [s.value for s in _samples(text, f"hvagent_domain_interface_stats_{name}")
+                 if s.labels == {"domain": VM, "target_device": tap}]
+        assert len(found) == 1, (name, text)
+        return found[0]
+
+    # What the tap receives, the guest sent; what the tap transmits, the guest received.
+    for guest, host in (("transmit_packets_total", "rx_packets"),
+                        ("transmit_bytes_total", "rx_bytes"),
+                        ("receive_packets_total", "tx_packets"),
+                        ("receive_bytes_total", "tx_bytes")):
+        assert before[host] <= metric(guest) <= after[host], (guest, before, after)

@@ -197,6 +197,20 @@ def test_prometheus_scrapes_the_agent_over_https_with_a_token(setup: dict[str, A
     assert prom.wait_value('hvagent_hotadd_duration_seconds_count{device="vcpu"}',
                            lambda v: True) == 1
 
+    # A checkpoint job: its duration is observed once, and the jobs gauge counts it.
+    r = a.root_client.post(f"/vms/{VM}/checkpoints", json={"name": "c1"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while job["status"] == "running":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+        job = a.root_client.get(f"/jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    assert prom.wait_value('hvagent_checkpoint_duration_seconds_count{operation="create"}',
+                           lambda v: True) == 1
+    prom.wait_value('hvagent_jobs{job="hvagent",state="succeeded"}', lambda v: v == 1)
+
 
 def test_metrics_need_sys_metrics(setup: dict[str, Any]) -> None:
     a: SecureAgent = setup["agent"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hvagent.errors import OperationFailed
@@ -35,6 +36,20 @@ log = logging.getLogger(__name__)
 
 BRIDGE_PREFIX = "hvbr"
 TAP_PREFIX = "hv"
+
+
+SYS_CLASS_NET = Path("/sys/class/net")
+
+
+def tap_counters(tap: str) -> dict[str, int] | None:
+    """The kernel's counters of a tap, from the host's side (its rx is what the guest
+    sent); None when the tap does not exist."""
+    d = SYS_CLASS_NET / tap / "statistics"
+    try:
+        return {k: int((d / k).read_text()) for k in
+                ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
+    except (OSError, ValueError):
+        return None
 
 
 def bridge_name(vlan: int) -> str:

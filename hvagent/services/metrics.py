@@ -18,7 +18,6 @@ import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -26,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from hvagent.drivers import net
 from hvagent.drivers.machine import BlockStats, process_cpu_seconds
 from hvagent.drivers.net import tap_name
 from hvagent.errors import HVError
@@ -55,7 +55,6 @@ STATE_HELP = ("VM state, libvirt's numbers: 0 no state (QEMU runs but its QMP mo
 # checkpoint of a large VM takes minutes.
 HOTADD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CHECKPOINT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-TAP_STATISTICS = Path("/sys/class/net")
 
 
 class OperationMetrics:
@@ -91,16 +90,6 @@ class DomainSample:
     cpu_seconds: float | None = None
     blocks: dict[str, BlockStats] = field(default_factory=dict)
     taps: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-def tap_counters(tap: str) -> dict[str, int] | None:
-    """The kernel's counters of a tap (None when it does not exist)."""
-    d = TAP_STATISTICS / tap / "statistics"
-    try:
-        return {k: int((d / k).read_text()) for k in
-                ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
-    except (OSError, ValueError):
-        return None
 
 
 class AgentMetrics:
@@ -142,7 +131,7 @@ class AgentMetrics:
                 for n in spec.nics:
                     if n.network == "bridge":
                         tap = tap_name(n.mac)
-                        counters = tap_counters(tap)
+                        counters = net.tap_counters(tap)
                         if counters is not None:
                             s.taps[tap] = counters
             out.append(s)

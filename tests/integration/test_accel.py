@@ -22,8 +22,10 @@ pytestmark = pytest.mark.integration
 PROBE_TIMEOUT = 5.0  # the probe's deadline in these tests; kept short, they boot a kernel
 
 
-def _banner_within(args: list[str], kernel: Path, seconds: float) -> bool:
-    """An independent boot: does `kernel` print its banner on serial within `seconds`?"""
+def _boot(args: list[str], kernel: Path, seconds: float) -> str:
+    """An independent boot of `kernel` with serial on stdout: "banner" if it prints its
+    banner within `seconds`, "exited" if QEMU ends first (e.g. it cannot set up a vCPU
+    under this /dev/kvm), else "silent"."""
     proc = subprocess.Popen(
         [accel.QEMU, *args, "-m", "256", "-nodefaults", "-display", "none", "-no-reboot",
          "-serial", "stdio", "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1"],
@@ -35,13 +37,17 @@ def _banner_within(args: list[str], kernel: Path, seconds: float) -> bool:
         while time.monotonic() < end and b"Linux version" not in seen:
             if select.select([proc.stdout], [], [], 0.5)[0]:
                 chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
+                if not chunk:  # end of file: QEMU has gone
+                    return "exited"
                 seen += chunk
-        return b"Linux version" in seen
+        return "banner" if b"Linux version" in seen else "silent"
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def _banner_within(args: list[str], kernel: Path, seconds: float) -> bool:
+    return _boot(args, kernel, seconds) == "banner"
 
 
 @pytest.fixture()
@@ -68,10 +74,12 @@ def test_probe_verdict_agrees_with_an_independent_kvm_boot(kernel: Path, cache: 
         assert (choice.accel, choice.reason) == ("tcg", "/dev/kvm missing or not accessible")
         return
     # Give the independent KVM boot four times the probe's deadline.
-    kvm_boots = _banner_within(list(accel.KVM_ARGS), kernel, 4 * PROBE_TIMEOUT)
-    assert choice.accel == ("kvm" if kvm_boots else "tcg"), choice
-    if kvm_boots:
+    outcome = _boot(list(accel.KVM_ARGS), kernel, 4 * PROBE_TIMEOUT)
+    assert choice.accel == ("kvm" if outcome == "banner" else "tcg"), (choice, outcome)
+    if outcome == "banner":
         assert choice.reason.startswith("probe guest booted under KVM in ")
+    elif outcome == "exited":  # QEMU cannot run a vCPU under this /dev/kvm at all
+        assert choice.reason == "QEMU exited during the KVM probe"
     else:
         assert choice.reason == (
             f"probe guest showed no sign of life under KVM in {PROBE_TIMEOUT:.0f}s")
@@ -85,8 +93,13 @@ def test_probe_guest_that_never_prints_its_banner_hits_the_deadline(tmp_path: Pa
         pytest.fail("this test needs a /dev/kvm to probe")
     silent = tmp_path / "silent-guest"
     silent.write_bytes(b"\0" * 4096)  # QEMU starts it; it never prints "Linux version"
-    assert accel.probe_kvm(silent, timeout=3) == (
-        False, "probe guest showed no sign of life under KVM in 3s")
+    # Where QEMU cannot run a vCPU under this /dev/kvm at all it exits before any
+    # deadline, and the probe must say that instead (the independent run tells which).
+    outcome = _boot(list(accel.KVM_ARGS), silent, 6)
+    assert outcome != "banner"
+    assert accel.probe_kvm(silent, timeout=3) == (False, {
+        "exited": "QEMU exited during the KVM probe",
+        "silent": "probe guest showed no sign of life under KVM in 3s"}[outcome])
 
 
 def test_probe_where_qemu_cannot_start_falls_back(tmp_path: Path) -> None:

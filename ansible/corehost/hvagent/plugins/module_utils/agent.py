@@ -462,3 +462,15 @@ class Client:
 def seg(value: str) -> str:
     """A name as one path segment of a URL."""
     return quote(value, safe="")
+
+
+def execute(module: Any, run: Any) -> None:
+    """A module's whole life: `run(module, client)` against the agent the module's
+    options name, its result returned to Ansible; an agent error fails the task with
+    the agent's one line."""
+    try:
+        result = run(module, Client(target_from_params(module.params),
+                                    module.params["timeout"]))
+    except AgentError as e:
+        module.fail_json(msg=e.message)
+    module.exit_json(**result)

@@ -94,8 +94,8 @@ from ansible_collections.corehost.hvagent.plugins.module_utils.agent import (  #
     CONNECTION_EXCLUSIVE,
     AgentError,
     Client,
+    execute,
     seg,
-    target_from_params,
 )
 
 
@@ -153,12 +153,7 @@ def main() -> None:
         mutually_exclusive=CONNECTION_EXCLUSIVE,
         supports_check_mode=True,
     )
-    try:
-        result = run(module, Client(target_from_params(module.params),
-                                    module.params["timeout"]))
-    except AgentError as e:
-        module.fail_json(msg=e.message)
-    module.exit_json(**result)
+    execute(module, run)
 
 
 if __name__ == "__main__":

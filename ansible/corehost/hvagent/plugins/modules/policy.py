@@ -67,7 +67,7 @@ from ansible_collections.corehost.hvagent.plugins.module_utils.agent import (  #
     CONNECTION_EXCLUSIVE,
     AgentError,
     Client,
-    target_from_params,
+    execute,
 )
 
 
@@ -106,12 +106,7 @@ def main() -> None:
         required_one_of=[("src", "content")],
         supports_check_mode=True,
     )
-    try:
-        result = run(module, Client(target_from_params(module.params),
-                                    module.params["timeout"]))
-    except AgentError as e:
-        module.fail_json(msg=e.message)
-    module.exit_json(**result)
+    execute(module, run)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,31 @@ def test_nothing_listens_on_the_network_but_ssh_the_dhcp_client_and_the_agent(
     assert ("tcp", 22) in {(p, port) for p, _a, port, _n in outside}  # the check sees sshd
     unexpected = [s for s in outside if allowed.get((s[0], s[2])) != s[3][:15]]
     assert unexpected == []
+
+
+@pytest.mark.smoke
+def test_module_loading_is_off_the_agents_critical_chain(host: Host) -> None:
+    """hvagent waits for the KVM vendor module (its once-per-boot KVM probe needs
+    /dev/kvm) and for nothing of systemd-modules-load.service; the vendor unit itself
+    waits for nothing."""
+    # critical-chain needs a finished boot; the agent may still be probing KVM.
+    settled = host.run("timeout 300 systemctl is-system-running --wait")
+    assert settled.stdout.strip() in ("running", "degraded"), settled.stdout + settled.stderr
+    chain = host.run("systemd-analyze critical-chain --no-pager hvagent.service")
+    print(chain.stdout)  # shows with -s, and on failure
+    assert chain.rc == 0, chain.stderr
+    assert "hvagent.service" in chain.stdout
+    assert "systemd-modules-load.service" not in chain.stdout
+
+    def after(unit: str) -> list[str]:
+        return host.check_output("systemctl show -p After --value %s", unit).split()
+
+    agent = after("hvagent.service")
+    assert "corehost-kvm-vendor.service" in agent
+    assert "systemd-modules-load.service" not in agent
+    vendor = after("corehost-kvm-vendor.service")
+    assert "systemd-modules-load.service" not in vendor
+    assert "sysinit.target" not in vendor
+    # The unit ran and loaded what the agent needs (kvm comes with the vendor module).
+    assert host.service("corehost-kvm-vendor").is_enabled
+    assert host.run("systemctl is-active corehost-kvm-vendor.service").stdout.strip() == "active"

@@ -256,3 +256,60 @@ def test_check_bad_arguments_are_one_line(tmp_path: Path, argv: list[str]) -> No
     out = run([CHECK, *(a.format(moddir=moddir) for a in argv)])
     assert out.returncode == 2
     assert len(out.stderr.splitlines()) == 1 and out.stdout == ""
+
+
+def system_asking(root: Path) -> None:
+    """A root file system whose units, fstab and modules-load.d name modules."""
+    units = root / "usr" / "lib" / "systemd" / "system"
+    units.mkdir(parents=True)
+    (root / "lib").mkdir(exist_ok=True)
+    (root / "lib" / "systemd").symlink_to(root / "usr" / "lib" / "systemd")
+    (units / "proc-sys-fs-binfmt_misc.mount").write_text(
+        "[Mount]\nWhat=binfmt_misc\nWhere=/proc/sys/fs/binfmt_misc\nType=binfmt_misc\n")
+    (units / "tmp.mount").write_text("[Mount]\nWhat=tmpfs\nType=tmpfs\n")
+    (units / "systemd-logind.service").write_text(
+        "[Unit]\nWants=modprobe@drm.service\nAfter=modprobe@loop.service\n")
+    (units / "modprobe@.service").write_text("[Service]\nExecStart=-/sbin/modprobe -abq %i\n")
+    wants = root / "etc" / "systemd" / "system" / "sysinit.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "modprobe@dm_mod.service").symlink_to(units / "modprobe@.service")
+    (root / "etc" / "fstab").write_text(
+        "# <file system> <mount point> <type>\nLABEL=root / ext4 defaults 0 1\n"
+        "LABEL=data /srv xfs defaults 0 2\n/swap none swap sw 0 0\n")
+    load = root / "etc" / "modules-load.d"
+    load.mkdir()
+    (load / "host.conf").write_text("# kept\nkvm\n; comment\nvhost-net\n")
+    (root / "etc" / "modules").write_text("# /etc/modules\n")
+
+
+ORDER = ["fs/binfmt_misc.ko", "fs/ext4/ext4.ko", "fs/xfs/xfs.ko", "drivers/gpu/drm/drm.ko",
+         "drivers/block/loop.ko", "drivers/md/dm-mod.ko", "arch/x86/kvm/kvm.ko",
+         "drivers/vhost/vhost_net.ko"]
+
+
+def test_check_names_each_module_the_system_asks_for_that_is_pruned(tmp_path: Path) -> None:
+    moddir = module_tree(tmp_path, {"fs/ext4/ext4.ko": "", "drivers/gpu/drm/drm.ko": "",
+                                    "arch/x86/kvm/kvm.ko": ""}, builtin=[])
+    (moddir / "modules.order").write_text("".join(f"kernel/{m}\n" for m in ORDER))
+    system_asking(tmp_path)
+    out = run([CHECK, moddir])
+    assert out.returncode == 1, out.stderr
+    assert sorted(out.stdout.splitlines()) == [
+        "binfmt_misc (kernel/fs/binfmt_misc.ko) is pruned, but "
+        "proc-sys-fs-binfmt_misc.mount (Type=binfmt_misc) needs it",
+        "dm_mod (kernel/drivers/md/dm-mod.ko) is pruned, but modprobe@dm_mod.service needs it",
+        "loop (kernel/drivers/block/loop.ko) is pruned, but modprobe@loop.service needs it",
+        "vhost_net (kernel/drivers/vhost/vhost_net.ko) is pruned, but "
+        "/etc/modules-load.d/host.conf needs it",
+        "xfs (kernel/fs/xfs/xfs.ko) is pruned, but /etc/fstab (type xfs) needs it",
+    ]
+
+
+def test_check_accepts_a_system_whose_named_modules_are_kept_or_built_in(
+        tmp_path: Path) -> None:
+    kept = {m: "" for m in ORDER if m != "drivers/md/dm-mod.ko"}
+    moddir = module_tree(tmp_path, kept, builtin=["drivers/md/dm-mod.ko"])
+    (moddir / "modules.order").write_text("".join(f"kernel/{m}\n" for m in ORDER))
+    system_asking(tmp_path)
+    out = run([CHECK, moddir])
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")

@@ -88,6 +88,8 @@ def dib_command(profile: Profile, build_dir: Path, apt_dir: Path = Path("/etc/ap
         # chroot would not find a host-only TMPDIR.
         "TMP_DIR": str(build_dir / "dibtmp"),
     }
+    if profile.kernel_modules:  # read by server-core's kernel-modules-rules
+        env["DIB_COREHOST_KERNEL_MODULES"] = " ".join(profile.kernel_modules)
     if profile.kernel_cmdline:
         env["DIB_BOOTLOADER_DEFAULT_CMDLINE"] = f"{DIB_DEFAULT_CMDLINE} {profile.kernel_cmdline}"
     # DIB calls helpers installed beside it (dib-block-device, ...).

@@ -121,6 +121,7 @@ class Profile:
     elements: tuple[str, ...]
     packages: tuple[str, ...]
     packages_removed: tuple[str, ...]
+    kernel_modules: tuple[str, ...]  # entries added to server-core's module allow-list
     image_size: str | None
     outputs: tuple[OutputFormat, ...]
     users: tuple[User, ...]
@@ -153,7 +154,8 @@ class Profile:
         d["agent"] = self.agent.to_dict()
         d["path"] = display(self.path)
         d["outputs"] = [str(o) for o in self.outputs]
-        for key in ("extends_chain", "elements", "packages", "packages_removed"):
+        for key in ("extends_chain", "elements", "packages", "packages_removed",
+                    "kernel_modules"):
             d[key] = list(d[key])
         d["users"] = [
             {**u, "ssh_keys": list(u["ssh_keys"]), "groups": list(u["groups"])} for u in d["users"]
@@ -427,6 +429,25 @@ def _packages(doc: _Doc, path: LinePath, v: Any) -> dict[str, list[str]]:
     return {k: names(doc, (*path, k), v.get(k, [])) for k in ("add", "remove")}
 
 
+# An entry of server-core's kernel-modules.allow: a path below /lib/modules/<v>/kernel/,
+# globs * and ? allowed; the same rule its kernel-modules-rules applies to the list.
+MODULE_PATH_RE = re.compile(r"^[A-Za-z0-9_.*?+,-]+(/[A-Za-z0-9_.*?+,-]+)*/?$")
+
+
+def _kernel_modules(doc: _Doc, path: LinePath, v: Any) -> list[str]:
+    entries = _str_list()(doc, path, v)
+    for i, entry in enumerate(entries):
+        if entry.startswith("/"):
+            raise doc.error((*path, i), f"{entry!r} must be a path below kernel/, without a "
+                            "leading / (e.g. drivers/net/ethernet/intel/ice)")
+        if not MODULE_PATH_RE.match(entry):
+            raise doc.error((*path, i), f"{entry!r} is not a module path (letters, digits, "
+                            ". _ - + , / and the globs * ?)")
+        if {".", ".."} & set(entry.rstrip("/").split("/")):
+            raise doc.error((*path, i), f"{entry!r} must not contain . or .. components")
+    return entries
+
+
 def _image_size(doc: _Doc, path: LinePath, v: Any) -> str:
     if not isinstance(v, str) or not SIZE_RE.match(v):
         raise doc.error(path, f"expected a size like 3G or 512M, got {v!r}")
@@ -586,6 +607,9 @@ FIELDS: tuple[Field, ...] = (
           "diskimage-builder elements; appended to the parent's."),
     Field("packages", _packages, Merge.PACKAGES, {"add": [], "remove": []},
           "Extra packages: {add: [...], remove: [...]} (a plain list means add)."),
+    Field("kernel_modules", _kernel_modules, Merge.APPEND, [],
+          "Kernel modules kept beyond server-core's allow-list: paths below "
+          "/lib/modules/<version>/kernel/ (globs * ?), e.g. drivers/net/wireless; appended."),
     Field("image_size", _image_size, Merge.OVERRIDE, None,
           f"Disk size, e.g. 3G (DIB --image-size), at most {MAX_IMAGE_SIZE}; unset lets DIB "
           "size it to fit."),
@@ -702,6 +726,7 @@ def load(ref: str | Path) -> Profile:
         elements=tuple(elements),
         packages=tuple(packages),
         packages_removed=tuple(removed),
+        kernel_modules=tuple(merged["kernel_modules"]),
         image_size=merged["image_size"],
         outputs=tuple(merged["outputs"]),
         users=users,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from builder import cli, dib, mirrors
 from builder.profile import load
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PROFILE = """\
 name: small
@@ -96,9 +100,26 @@ def test_command_line_and_environment(small: Path, fake_root: Path, tmp_path: Pa
     assert env["TMP_DIR"] == str(build / "dibtmp")  # DIB's work dirs stay inside the build
     assert env["DIB_BOOTLOADER_DEFAULT_CMDLINE"] == (
         "nofb nomodeset gfxpayload=text quiet net.ifnames=0")
+    assert "DIB_COREHOST_KERNEL_MODULES" not in env  # no profile entries: the list alone
     # the shell form round-trips to the same argv
     last = cmd.shell().splitlines()[-1].strip()
     assert shlex.split(last) == cmd.argv
+
+
+def test_profile_kernel_modules_reach_the_module_rules(small: Path, tmp_path: Path) -> None:
+    """The profile's entries become DIB_COREHOST_KERNEL_MODULES, which server-core's
+    kernel-modules-rules turns into dpkg rules keeping those modules too."""
+    small.write_text(small.read_text() + "kernel_modules: [fs/ocfs2, 'drivers/net/wireless/*']\n")
+    cmd = dib.dib_command(load(small), tmp_path / "b",
+                          apt_dir=apt_dir(tmp_path, {"sources.list.d/debian.sources": DEB822}))
+    assert cmd.env["DIB_COREHOST_KERNEL_MODULES"] == "fs/ocfs2 drivers/net/wireless/*"
+    rules = ROOT / "elements" / "server-core" / "kernel-modules-rules"
+    out = subprocess.run([str(rules), str(rules.parent / "kernel-modules.allow")],
+                         capture_output=True, text=True, timeout=30,
+                         env={"PATH": os.environ["PATH"], **cmd.env})
+    assert out.returncode == 0, out.stderr
+    assert "path-include=/lib/modules/*/kernel/fs/ocfs2" in out.stdout.splitlines()
+    assert "path-include=/lib/modules/*/kernel/drivers/net/wireless/*" in out.stdout.splitlines()
 
 
 def test_dry_run_prints_profile_and_command_and_builds_nothing(

@@ -107,6 +107,16 @@ def test_packages_list_shorthand_means_add(profiles: Path) -> None:
     assert load(profiles / "s.yaml").packages == ("openssh-server", "less", "vim-tiny", "htop")
 
 
+def test_kernel_modules_are_appended_along_the_chain(profiles: Path) -> None:
+    write(profiles, "mid", "name: mid\nextends: base\nkernel_modules: [fs/ocfs2, fs/dlm]\n")
+    write(profiles, "leaf", "name: leaf\nextends: mid\nkernel_modules:\n"
+          "  - drivers/net/wireless/intel/*\n  - fs/dlm\n")
+    p = load(profiles / "leaf.yaml")
+    assert p.kernel_modules == ("fs/ocfs2", "fs/dlm", "drivers/net/wireless/intel/*")
+    assert p.to_dict()["kernel_modules"] == list(p.kernel_modules)
+    assert load(profiles / "base.yaml").kernel_modules == ()
+
+
 def test_defaults_for_a_lone_profile(profiles: Path) -> None:
     write(profiles, "lone", "name: lone\nelements: [debian-minimal]\n")
     p = load(profiles / "lone.yaml")
@@ -142,7 +152,7 @@ def test_missing_file(profiles: Path) -> None:
 ERRORS = [
     ("name: x\nelements: [vm]\ncolour: blue\n",
      "3: colour: unknown key (allowed: name, description, extends, release, elements, packages, "
-     "image_size, outputs, users, kernel_cmdline, agent, policy, test_access)"),
+     "kernel_modules, image_size, outputs, users, kernel_cmdline, agent, policy, test_access)"),
     ("elements: [vm]\n", "1: name: required (must equal the file name)"),
     ("name: other\n", "1: name: 'other' must equal the file name 'x'"),
     ("name: X Y\n", "1: name: 'X Y' is not a profile name ([a-z0-9_-])"),
@@ -197,6 +207,19 @@ ERRORS = [
      "log_dir)"),
     ("name: x\nagent: /run\n", "2: agent: expected a mapping with keys accel, listen, state_dir, "
      "storage_dir, run_dir, log_dir, got a string"),
+    ("name: x\nkernel_modules: drivers/net/wireless\n",
+     "2: kernel_modules: expected a list of strings"),
+    ("name: x\nkernel_modules: [fs/xfs, 7]\n", "2: kernel_modules: expected a list of strings"),
+    ("name: x\nkernel_modules:\n  - fs/xfs\n  - /lib/modules/x/kernel/fs/ocfs2\n",
+     "4: kernel_modules[1]: '/lib/modules/x/kernel/fs/ocfs2' must be a path below kernel/, "
+     "without a leading / (e.g. drivers/net/ethernet/intel/ice)"),
+    *((f"name: x\nkernel_modules: ['{entry}']\n",
+       f"2: kernel_modules[0]: '{entry}' is not a module path (letters, digits, . _ - + , / "
+       "and the globs * ?)")
+      for entry in ("fs/[a-z]*", "fs/ocfs2;x", "drivers//net", "fs/ocfs2 fs/gfs2", "")),
+    *((f"name: x\nkernel_modules: ['{entry}']\n",
+       f"2: kernel_modules[0]: '{entry}' must not contain . or .. components")
+      for entry in ("fs/../../etc", "./fs", "fs/..")),
     ("name: x\ntest_access: 1\n", "2: test_access: expected true or false, got a number"),
     ("name: x\nname: y\n", "2: name: duplicate key"),
     ("name: x\nelements: [vm\n",

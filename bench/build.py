@@ -36,9 +36,9 @@ from builder.paths import elements_dir, repo_root
 from builder.profile import Profile, load
 from builder.render import element_closure
 
-TARGET_COLD = 1.10
-TARGET_SIZE = 0.55
-TARGET_BOOT = 1.20
+TARGET_COLD = 0.70
+TARGET_SIZE = 0.45
+TARGET_AGENT = 0.60  # hvagent active against the bare image's sshd
 
 
 def package_list(profile: Profile) -> list[str]:
@@ -162,8 +162,8 @@ def main() -> int:
         ("cold build (s)", cold, bare_build, TARGET_COLD),
         ("no-change rebuild (s)", nochange, bare_build, None),
         ("image size (MiB)", size / mib, bare_size / mib, TARGET_SIZE),
-        ("boot to sshd (s, TCG)", ours_ssh, bare_ssh, TARGET_BOOT),
-        ("boot to hvagent active (s, TCG)", ours_agent, bare_ssh, TARGET_BOOT),
+        ("boot to sshd (s, TCG)", ours_ssh, bare_ssh, None),
+        ("boot to hvagent active (s, TCG)", ours_agent, bare_ssh, TARGET_AGENT),
     ]
     print(f"\n{'':34}{'server-core':>12}{'bare DIB':>10}{'ratio':>8}  target")
     for what, ours, peer, target in rows:

@@ -21,8 +21,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from builder import dib, hostcompat, inputs, outputs, render
-from builder.paths import display
+from builder import base, dib, hostcompat, inputs, layer, outputs, render
+from builder.paths import display, repo_root
 from builder.profile import Profile
 from builder.progress import Progress
 
@@ -84,34 +84,45 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{profile.name}.build-"))
         try:
-            wheels = render.build_wheelhouse(wanted.parts["agent_source"]) if with_agent else None
-            if wheels is not None:
-                progress.note(f"agent wheels: {len(list(wheels.glob('*.whl')))} from {wheels}")
-            render.render_overlay(profile, tmp, wheels)  # -> tmp/elements, as dib_command expects
             result = tmp / "result"
             for d in (result, tmp / "dib", tmp / "dibtmp"):
                 d.mkdir()
             cmd = dib.dib_command(profile, tmp)
             dib_base = tmp / "dib" / profile.name
-            log_path = result / "dib.log"
-            try:  # once per build, before DIB's first kpartx
-                kpartx = hostcompat.ensure_kpartx()
-            except (OSError, RuntimeError) as e:
-                raise BuildError(f"this host has no device-mapper and {e}") from None
-            elements = " ".join(profile.build_elements)
-            progress.note(f"disk-image-create: {elements} (kpartx: {kpartx})")
-            try:
-                with progress:
-                    dib.run_dib(cmd, log_path, progress)
-            except dib.DibFailed as e:
-                kept = out_root / f"{profile.name}.failed.log"
-                shutil.copyfile(log_path, kept)
-                raise BuildError(f"{e}; full log: {display(kept)}") from None
+            key = inputs.base_hash(profile, closure, normalised_command(cmd, tmp), with_agent)
+            agent_source = wanted.parts["agent_source"]
+            layered: dict[str, Any] | None = None
+            with base.locked(key.digest):
+                cached = None if force else base.lookup(key.digest)
+                if cached is None:
+                    progress.note(f"base {key.digest[:16]}: " + (
+                        "--force, building it again" if force else "not cached, building it"))
+                    cached = _build_base(profile, tmp, cmd, key, agent_source, progress)
+                    reused = False
+                else:
+                    progress.note(f"base {key.digest[:16]}: reusing the one built "
+                                  f"{cached.meta.get('stored', '?')} (DIB took "
+                                  f"{cached.meta.get('dib_duration_s', '?')} s)")
+                    try:
+                        base.materialise(cached, dib_base)
+                    except base.BaseCacheError as e:
+                        raise BuildError(f"base cache: {e}") from None
+                    reused = True
+            shutil.copyfile(cached.path / "dib.log", result / "dib.log")
+            if reused and with_agent and cached.meta.get("agent_source") != agent_source:
+                progress.note("the agent's source changed: laying the new agent onto the base")
+                try:
+                    wheel = render.agent_wheel(tmp / "wheel")
+                    layered = layer.apply_agent(dib_base, wheel, [p.name for p in closure],
+                                                progress.note)
+                except (render.RenderError, layer.LayerError) as e:
+                    raise BuildError(f"agent layer: {e}") from None
             progress.note("converting outputs and writing manifest.json")
             try:
                 artifacts, bundle = outputs.produce(profile, dib_base, result)
             except outputs.OutputError as e:
                 raise BuildError(str(e)) from None
+            meta = cached.meta
             manifest = {
                 "profile": profile.to_dict(),
                 "elements": [p.name for p in closure],
@@ -122,9 +133,17 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                     "started": started_at,
                     "duration_s": round(time.monotonic() - started, 1),
                     "diskimage_builder": version("diskimage-builder"),
-                    "kpartx": kpartx,
-                    "command": cmd.argv[1:],
-                    "environment": {k: v for k, v in cmd.env.items() if k.startswith("DIB_")},
+                    "kpartx": meta.get("kpartx"),
+                    "command": meta.get("command"),
+                    "environment": meta.get("environment"),
+                    "base": {
+                        "key": key.digest,
+                        "reused": reused,
+                        "built": meta.get("stored"),
+                        "dib_duration_s": meta.get("dib_duration_s"),
+                        "agent_layer": layered,
+                        "inputs": key.parts,
+                    },
                 },
                 "input_hash": wanted.digest,
                 "inputs": wanted.parts,
@@ -135,6 +154,51 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
             return BuildResult(final, False, manifest)
         finally:
             _remove_build_dir(tmp)
+
+
+def normalised_command(cmd: dib.DibCommand, build_dir: Path) -> dict[str, Any]:
+    """DIB's argv and environment as the base key sees them: this build's temp dir and
+    the checkout's location replaced by placeholders, the caller's PATH left out."""
+    def norm(v: str) -> str:
+        return v.replace(str(build_dir), "<build>").replace(str(repo_root()), "<repo>")
+    return {"argv": [norm(a) for a in cmd.argv[1:]],
+            "env": {k: norm(v) for k, v in sorted(cmd.env.items()) if k != "PATH"}}
+
+
+def _build_base(profile: Profile, tmp: Path, cmd: dib.DibCommand, key: inputs.Inputs,
+                agent_source: str | None, progress: Progress) -> base.Base:
+    """Run DIB for this build and keep what it wrote in the base cache."""
+    wheels = render.build_wheelhouse(agent_source) if agent_source is not None else None
+    if wheels is not None:
+        progress.note(f"agent wheels: {len(list(wheels.glob('*.whl')))} from {wheels}")
+    render.render_overlay(profile, tmp, wheels)  # -> tmp/elements, as dib_command expects
+    log_path = tmp / "dib.log"
+    try:  # once per build, before DIB's first kpartx
+        kpartx = hostcompat.ensure_kpartx()
+    except (OSError, RuntimeError) as e:
+        raise BuildError(f"this host has no device-mapper and {e}") from None
+    elements = " ".join(profile.build_elements)
+    progress.note(f"disk-image-create: {elements} (kpartx: {kpartx})")
+    began = time.monotonic()
+    try:
+        with progress:
+            dib.run_dib(cmd, log_path, progress)
+    except dib.DibFailed as e:
+        kept = tmp.parent / f"{profile.name}.failed.log"
+        shutil.copyfile(log_path, kept)
+        raise BuildError(f"{e}; full log: {display(kept)}") from None
+    try:
+        return base.store(key.digest, tmp / "dib" / profile.name, log_path, {
+            "profile": profile.name,
+            "agent_source": agent_source,
+            "dib_duration_s": round(time.monotonic() - began, 1),
+            "kpartx": kpartx,
+            "command": cmd.argv[1:],
+            "environment": {k: v for k, v in cmd.env.items() if k.startswith("DIB_")},
+            "inputs": key.parts,
+        })
+    except (base.BaseCacheError, OSError) as e:
+        raise BuildError(f"base cache: {e}") from None
 
 
 def _replace_dir(new: Path, final: Path) -> None:

@@ -97,7 +97,8 @@ def dib_command(profile: Profile, build_dir: Path, apt_dir: Path = Path("/etc/ap
     path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     if os.path.isabs(bindir) and bindir not in path.split(":"):
         env["PATH"] = f"{bindir}:{path}"
-    argv = [dib_executable(), "-t", "qcow2", "-o", str(output_base)]
+    # Raw: it is what the base cache keeps and the agent layer mounts; outputs convert it.
+    argv = [dib_executable(), "-t", "raw", "-o", str(output_base)]
     if profile.image_size_gb is not None:
         argv += ["--image-size", profile.image_size_gb]
     if profile.packages:

@@ -73,6 +73,31 @@ def input_hash(profile: Profile, elements: list[Path], agent_hash: str | None) -
     return Inputs(digest, parts)
 
 
+# What produced a base (builder.base) besides the profile and the elements: the builder's
+# code (it renders the overlay and runs DIB) and the project file whose dependency list
+# the agent's wheels in the image come from, and the agent's schemas a profile's `agent`
+# and `policy` are resolved with (what templates render). The rest of the agent's
+# package (hvagent/) and the README (the wheel's description) are left out: the layer
+# replaces them.
+BASE_SOURCES = ("builder", "pyproject.toml", "hvagent/config.py", "hvagent/access/policy.py")
+
+
+def base_hash(profile: Profile, elements: list[Path], dib_command: dict[str, Any],
+              with_agent: bool) -> Inputs:
+    """The key of the base an image starts from: everything that shapes what DIB writes,
+    except the agent's source (see BASE_SOURCES). dib_command is DIB's argv and
+    environment with the build's own paths replaced by placeholders."""
+    whole = input_hash(profile, elements, None)
+    root = repo_root()
+    h = hashlib.sha256()
+    hash_tree(h, root, [root / p for p in BASE_SOURCES])
+    parts = {**whole.parts, "builder_source": h.hexdigest(), "with_agent": with_agent,
+             "dib_command": dib_command}
+    del parts["agent_source"]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return Inputs(digest, parts)
+
+
 def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Names of what differs between two input records (e.g. `element hvagent`)."""
     names = []

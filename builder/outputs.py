@@ -1,14 +1,15 @@
-"""Build outputs: artifacts converted from DIB's qcow2, the PXE bundle, and manifest.json.
+"""Build outputs: artifacts converted from DIB's raw disk, the PXE bundle, and manifest.json.
 
 Every disk output is the same hybrid GPT disk (elements/block-device-hybrid: BIOS and UEFI).
-qcow2 is DIB's own (already compressed); raw, vhd (dynamic, force_size=on so the size
-is not rounded to CHS geometry), vhdx and usb (the raw disk, dd-able onto a stick) are
-made with `qemu-img convert`; VHD and VHDX are then checked with `hvdisk check` (qemu-img
-cannot check VHD). `pxe` is a directory (builder.pxe) whose files are artifacts of
-their own (`pxe.kernel`, `pxe.rootfs`, ...). manifest.json records the resolved profile, the
-elements, the installed packages (DIB's dpkg manifest), each artifact's sha256 and
-size, the build duration and the input hash (builder.inputs) that decides whether a
-rebuild is needed.
+raw and usb (dd-able onto a stick) are the raw disk itself; qcow2 (compressed, as DIB
+would write it), vhd (dynamic, force_size=on so the size is not rounded to CHS
+geometry) and vhdx are made with `qemu-img convert`; VHD and VHDX are then checked with
+`hvdisk check` (qemu-img cannot check VHD). `pxe` is a directory (builder.pxe) whose
+files are artifacts of their own (`pxe.kernel`, `pxe.rootfs`, ...). manifest.json
+records the resolved profile, the elements, the installed packages (DIB's dpkg
+manifest), each artifact's sha256 and size, the build duration, the base the build
+started from (builder.base) and the input hash (builder.inputs) that decides whether
+a rebuild is needed.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ CONVERT_TIMEOUT = 1800.0
 # The disk format of each image artifact; qemu-img's options for it are the agent's own
 # (hvagent.host.formats.create_options: dynamic VHD/VHDX, VHD sizes exact).
 _CONVERT: dict[OutputFormat, DiskFormat] = {
-    OutputFormat.RAW: DiskFormat.RAW,
-    OutputFormat.USB: DiskFormat.RAW,
+    OutputFormat.QCOW2: DiskFormat.QCOW2,
     OutputFormat.VHD: DiskFormat.VPC,
     OutputFormat.VHDX: DiskFormat.VHDX,
 }
@@ -60,10 +60,10 @@ def sha256_file(path: Path) -> str:
 
 def produce(profile: Profile, dib_base: Path, dest: Path) -> tuple[dict[str, dict[str, Any]],
                                                                     dict[str, Any] | None]:
-    """Write every requested artifact into dest from DIB's output at dib_base (.qcow2,
+    """Write every requested artifact into dest from DIB's output at dib_base (.raw,
     and for pxe .vmlinuz, .initrd, .rootfs.squashfs). Returns ({artifact: {file,
     sha256, size}}, the pxe bundle's description or None)."""
-    qcow2 = Path(f"{dib_base}.qcow2")
+    raw = Path(f"{dib_base}.raw")
     made: dict[str, Path] = {}
     bundle = None
     for fmt in profile.outputs:
@@ -77,17 +77,15 @@ def produce(profile: Profile, dib_base: Path, dest: Path) -> tuple[dict[str, dic
             for role, rel in bundle["files"].items():
                 made[f"pxe.{role}"] = dest / "pxe" / rel
             continue
-        if fmt is OutputFormat.QCOW2:
-            os.link(qcow2, target) if _same_fs(qcow2, dest) else _copy(qcow2, target)
-        elif fmt is OutputFormat.USB and OutputFormat.RAW in made:
-            os.link(made[OutputFormat.RAW], target)  # the same bytes
-        elif fmt is OutputFormat.RAW and OutputFormat.USB in made:
-            os.link(made[OutputFormat.USB], target)
+        if fmt in (OutputFormat.RAW, OutputFormat.USB):  # the same bytes
+            os.link(raw, target) if _same_fs(raw, dest) else _copy(raw, target)
         else:
             disk = _CONVERT[fmt]
+            # qcow2 compressed, as DIB's own qcow2 output is (qemu-img convert -c).
+            extra = ["-c"] if disk is DiskFormat.QCOW2 else []
             try:
-                done = run.run([QEMU_IMG, "convert", "-f", "qcow2", "-O", disk.qemu,
-                                *create_options(disk, fixed=False), qcow2, target],
+                done = run.run([QEMU_IMG, "convert", *extra, "-f", "raw", "-O", disk.qemu,
+                                *create_options(disk, fixed=False), raw, target],
                                timeout=CONVERT_TIMEOUT, check=False)
             except run.ProcessFailed as e:  # not installed, or timed out
                 raise OutputError(str(e)) from None

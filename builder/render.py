@@ -146,22 +146,11 @@ def build_wheelhouse(source_hash: str | None = None) -> Path:
         log.debug("agent wheels: reusing %s", target)
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    root = repo_root()
     with tempfile.TemporaryDirectory(dir=cache, prefix=".tmp-") as tmp:
-        src = Path(tmp) / "src"
-        # Build from a copy so the work tree gets no build/ or egg-info droppings.
-        for name in AGENT_SOURCES:
-            p = root / name
-            if p.is_dir():
-                shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-            elif p.exists():
-                src.mkdir(exist_ok=True)
-                shutil.copy2(p, src / name)
         out = Path(tmp) / "wheels"
-        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-        _run([*pip, "wheel", "--no-deps", "-w", str(out), str(src)], "building the corehost wheel")
-        wheel = next(out.glob("corehost-*.whl"))
+        wheel = agent_wheel(out)
         platform_args = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
         _run([*pip, "download", "--only-binary=:all:", *platform_args,
               "--python-version", WHEEL_PYTHON, "--implementation", "cp",
               "--abi", "cp" + WHEEL_PYTHON.replace(".", ""), "--abi", "abi3", "--abi", "none",
@@ -174,6 +163,27 @@ def build_wheelhouse(source_hash: str | None = None) -> Path:
     log.debug("agent wheels: built %s", target)
     _prune(cache, keep=WHEEL_CACHE_KEEP)
     return target
+
+
+def agent_wheel(out: Path) -> Path:
+    """Build the corehost wheel (no dependencies) into out; returns its path."""
+    root = repo_root()
+    with tempfile.TemporaryDirectory(prefix="corehost-wheel-") as tmp:
+        src = Path(tmp) / "src"
+        # Build from a copy so the work tree gets no build/ or egg-info droppings.
+        for name in AGENT_SOURCES:
+            p = root / name
+            if p.is_dir():
+                shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif p.exists():
+                src.mkdir(exist_ok=True)
+                shutil.copy2(p, src / name)
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        _run([*pip, "wheel", "--no-deps", "-w", str(out), str(src)], "building the corehost wheel")
+    wheels = sorted(out.glob("corehost-*.whl"))
+    if len(wheels) != 1:
+        raise RenderError(f"building the corehost wheel left {len(wheels)} wheels in {out}")
+    return wheels[0]
 
 
 def _prune(cache: Path, keep: int) -> None:

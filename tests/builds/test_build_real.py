@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,3 +247,82 @@ def test_image_boots_to_a_login_prompt_and_stays_unchanged(
     # an orderly shutdown through the ACPI power button, not QMP quit or a kill
     assert "reboot: Power down" in machine.serial_log.read_text(errors="replace")
     assert outputs.sha256_file(image) == digest  # -snapshot: the artifact is untouched
+
+
+def _copy_checkout(dest: Path) -> Path:
+    """The tracked files of this checkout (with their working-tree contents) at dest."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                           check=True, timeout=60).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file() or src.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel, follow_symlinks=False)
+    return dest
+
+
+def test_an_agent_change_reuses_the_base_and_boots_with_the_new_agent(
+        tmp_path: Path) -> None:
+    """Build profiles/ci.yaml from a copy of the checkout whose agent has one more line:
+    the base that CI's own build of the same profile left in the cache is reused (no
+    DIB run; the manifest says so), the new agent is laid onto it, and the booted image
+    runs that agent. (Run alone, the first build of the copy makes the base and a second
+    one, after the edit, is the reuse.)"""
+    copy = _copy_checkout(tmp_path / "checkout")
+    out = tmp_path / "out"
+
+    def build() -> dict[str, object]:
+        proc = subprocess.run([sys.executable, "-m", "builder.cli", "build", "profiles/ci.yaml",
+                               "--out", str(out)], capture_output=True, text=True, cwd=copy,
+                              timeout=3600, env={**os.environ, "PYTHONPATH": str(copy)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return dict(json.loads((out / "ci" / "manifest.json").read_text())["build"])
+
+    first = build()
+    mark = uuid.uuid4().hex
+    init = copy / "hvagent" / "__init__.py"
+    init.write_text(init.read_text() + f"\nLAYER_TEST_MARK = {mark!r}\n")
+    second = build()
+
+    base = second["base"]
+    assert isinstance(base, dict)
+    assert base["reused"] is True
+    assert base["key"] == first["base"]["key"]  # type: ignore[index]
+    layer = base["agent_layer"]
+    assert layer and any(s.startswith("agent: corehost-") for s in layer["steps"]), layer
+    assert any(s.startswith("pxe: ") for s in layer["steps"]), layer
+
+    # The PXE root carries the new agent too (the squashfs inside the rootfs cpio).
+    rootfs = out / "ci" / "pxe"
+    cpio = next(rootfs.glob("*rootfs*"))
+    unpacked = tmp_path / "cpio"
+    unpacked.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet"], stdin=cpio.open("rb"), cwd=unpacked,
+                   check=True, timeout=300)
+    squash = unpacked / "corehost" / "root.squashfs"
+    shown = subprocess.run(["unsquashfs", "-cat", str(squash),
+                            "opt/hvagent/lib/python3.11/site-packages/hvagent/__init__.py"],
+                           capture_output=True, text=True, timeout=300)
+    assert mark in shown.stdout, shown.stderr
+
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                   check=True, timeout=60)
+    machine = qemu.Machine(qemu.BootOptions(out / "ci" / "ci.qcow2", snapshot=True,
+                                            no_reboot=True, cpus=1,
+                                            ssh_key=key.with_suffix(".pub")))
+    with machine:
+        machine.wait_for_ssh(key, timeout=900)
+        machine.wait_for_boot(key, timeout=600)
+        ssh = machine.ssh_base(key)
+        active = subprocess.run([*ssh, "systemctl", "is-active", "hvagent.service"],
+                                capture_output=True, text=True, timeout=60)
+        assert active.stdout.strip() == "active", active.stdout + active.stderr
+        seen = subprocess.run([*ssh, "/opt/hvagent/bin/python -c "
+                               "'import hvagent; print(hvagent.LAYER_TEST_MARK)'"],
+                              capture_output=True, text=True, timeout=120)
+        assert seen.stdout.strip() == mark, seen.stderr
+        # The agent answers on its socket: the laid-on package is the one serving.
+        version = subprocess.run([*ssh, "hvctl", "--json", "host", "info"], capture_output=True,
+                                 text=True, timeout=120)
+        assert version.returncode == 0, version.stdout + version.stderr

@@ -85,7 +85,7 @@ def test_command_line_and_environment(small: Path, fake_root: Path, tmp_path: Pa
     cmd = dib.dib_command(load(small), build, apt_dir=d)
     assert cmd.argv[0].endswith("disk-image-create")
     assert cmd.argv[1:] == [
-        "-t", "qcow2", "-o", str(tmp_path / "b" / "dib" / "small"),
+        "-t", "raw", "-o", str(tmp_path / "b" / "dib" / "small"),
         "--image-size", "1.5",
         "-p", "openssh-server,htop",  # nano removed
         "debian-minimal", "vm", "corehost-overlay",  # the overlay comes last

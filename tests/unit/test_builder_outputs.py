@@ -36,9 +36,14 @@ def every_output(fake_root: Path) -> Path:
 
 def test_every_format_holds_the_same_disk(every_output: Path, tiny_qcow2: Path,
                                           tmp_path: Path) -> None:
+    """Every output is made from DIB's raw disk (what the base cache keeps)."""
+    dib_base = tmp_path / "dib" / "all"
+    dib_base.parent.mkdir()
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(tiny_qcow2),
+                    f"{dib_base}.raw"], check=True, timeout=60)
     dest = tmp_path / "result"
     dest.mkdir()
-    arts, bundle = outputs.produce(load(every_output), tiny_qcow2.with_suffix(""), dest)
+    arts, bundle = outputs.produce(load(every_output), dib_base, dest)
     assert bundle is None  # no pxe output asked for
     assert {k: v["file"] for k, v in arts.items()} == {
         "qcow2": "all.qcow2", "raw": "all.raw", "vhd": "all.vhd", "vhdx": "all.vhdx",

@@ -108,7 +108,8 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                     except base.BaseCacheError as e:
                         raise BuildError(f"base cache: {e}") from None
                     reused = True
-            shutil.copyfile(cached.path / "dib.log", result / "dib.log")
+                # Under the lock: another build may prune the entry once it is released.
+                shutil.copyfile(cached.path / "dib.log", result / "dib.log")
             if reused and with_agent and cached.meta.get("agent_source") != agent_source:
                 progress.note("the agent's source changed: laying the new agent onto the base")
                 try:

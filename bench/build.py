@@ -114,14 +114,18 @@ def sshd_answers(port: int) -> bool:
         return False
 
 
-def active_since_boot(machine: qemu.Machine, identity: Path, unit: str) -> float | None:
-    """systemd's ActiveEnterTimestampMonotonic of `unit` in the guest, in seconds (None
-    while it is not active yet)."""
+def agent_after_sshd(machine: qemu.Machine, identity: Path) -> float | None:
+    """Seconds from ssh.service's activation to hvagent.service's in the guest, from
+    systemd's monotonic timestamps (None while the agent is not active yet)."""
     r = subprocess.run(machine.ssh_base(identity)
-                       + [f"systemctl show -P ActiveEnterTimestampMonotonic {unit}"],
+                       + ["systemctl show -P ActiveEnterTimestampMonotonic"
+                          " hvagent.service ssh.service"],
                        capture_output=True, text=True, timeout=60)
-    value = r.stdout.strip()
-    return int(value) / 1e6 if r.returncode == 0 and value.isdigit() and value != "0" else None
+    stamps = r.stdout.split()
+    if r.returncode != 0 or len(stamps) != 2 or not all(v.isdigit() for v in stamps) \
+            or "0" in stamps:
+        return None
+    return (int(stamps[0]) - int(stamps[1])) / 1e6
 
 
 def boot(image: Path, agent: bool, timeout: float = 600.0) -> tuple[float, float | None]:
@@ -131,14 +135,15 @@ def boot(image: Path, agent: bool, timeout: float = 600.0) -> tuple[float, float
     The agent's time is read from systemd in the guest (the console stops showing unit
     status once a getty owns it): its activation minus ssh.service's, added to the moment
     sshd answered here, so both figures count from QEMU's start."""
-    identity = Path(tempfile.mkdtemp(prefix="corehost-bench-key-")) / "id"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(identity)],
-                   check=True, timeout=60)
-    opts = qemu.BootOptions(image=image, accel="tcg", snapshot=True, no_reboot=True,
-                            ssh_key=identity.with_suffix(".pub") if agent else None)
-    ssh: float | None = None
-    started: float | None = None
-    try:
+    with tempfile.TemporaryDirectory(prefix="corehost-bench-key-") as tmp:
+        identity = Path(tmp) / "id"
+        if agent:
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            str(identity)], check=True, timeout=60)
+        opts = qemu.BootOptions(image=image, accel="tcg", snapshot=True, no_reboot=True,
+                                ssh_key=identity.with_suffix(".pub") if agent else None)
+        ssh: float | None = None
+        started: float | None = None
         with qemu.Machine(opts) as machine:
             start = time.monotonic()
             while ssh is None or (agent and started is None):
@@ -148,14 +153,10 @@ def boot(image: Path, agent: bool, timeout: float = 600.0) -> tuple[float, float
                                          f"{machine.serial_tail()}")
                 if ssh is None and sshd_answers(machine.ssh_port):
                     ssh = time.monotonic() - start
-                if agent and ssh is not None and started is None:
-                    agent_at = active_since_boot(machine, identity, "hvagent.service")
-                    sshd_at = active_since_boot(machine, identity, "ssh.service")
-                    if agent_at is not None and sshd_at is not None:
-                        started = ssh + agent_at - sshd_at
+                if agent and ssh is not None:
+                    gap = agent_after_sshd(machine, identity)
+                    started = None if gap is None else ssh + gap
                 time.sleep(0.5)
-    finally:
-        shutil.rmtree(identity.parent, ignore_errors=True)
     say(f"  boot {image.name}: sshd {ssh:.1f}s"
         + (f", hvagent active {started:.1f}s" if started is not None else ""))
     return ssh, started

@@ -171,24 +171,33 @@ def test_interrupted_build_cleans_up_and_keeps_the_previous_output(tmp_path: Pat
     previous.mkdir(parents=True)
     (previous / "minimal.qcow2").write_bytes(b"an earlier image")
     before = tree(previous)
+    # An empty base cache of its own: a base an earlier build left (this machine's cache
+    # outlives a checkout) would skip DIB, and the build would finish before any signal.
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     # Explicit SIGINT disposition: run from a background job the child would inherit it
     # ignored, and the build would simply finish.
     proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "build",
                              str(PROFILES / "minimal.yaml"), "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
                             preexec_fn=_default_signals)
     assert proc.stderr is not None
-    mounted_during = 0
+    mounted_during = None
+    seen: list[str] = []
     for line in proc.stderr:
+        seen.append(line)
         if "dib: pre-install.d/" in line:  # inside DIB's chroot, with its mounts up
             mounted_during = sum(str(out) in m for m in Path("/proc/mounts").read_text()
                                  .splitlines())
             proc.send_signal(signal.SIGINT)  # what Ctrl-C does
             break
     rest = proc.stderr.read()
+    assert mounted_during is not None, "DIB never reached pre-install.d: " + "".join(
+        seen[-30:])
     assert proc.wait(timeout=600) == 130, rest
     assert "corehost: interrupted" in rest
     assert mounted_during > 0
+    assert not (tmp_path / "cache" / "corehost" / "base").exists() or not any(
+        p.is_dir() for p in (tmp_path / "cache" / "corehost" / "base").iterdir())
     assert [m for m in Path("/proc/mounts").read_text().splitlines() if str(out) in m] == []
     assert tree(previous) == before
     assert sorted(p.name for p in out.iterdir()) == [".minimal.lock", "minimal"]

@@ -62,8 +62,8 @@ def create_app(config: AgentConfig) -> FastAPI:
         app.state.checkpoints = CheckpointService(vms, agent_metrics.ops)
         agent_metrics.bind(vms)
         app.state.disks = vms.disks
-        # Probe the accelerator once before serving (cached per host boot).
-        await asyncio.to_thread(lambda: vms.accel)
+        # The accelerator probe (cached per host boot) runs while the agent serves.
+        vms.begin_accel_probe()
         await vms.startup()
         app.state.store, app.state.jobs, app.state.vms = store, jobs, vms
         try:

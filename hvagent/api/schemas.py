@@ -78,7 +78,8 @@ class StorageInfo(BaseModel):
 
 class AgentInfo(BaseModel):
     version: str
-    accel: str
+    accel: str = Field(description="kvm or tcg; unavailable when the configured one does "
+                       "not work on this host (accel_reason says why)")
     accel_reason: str
     vms: int
     state_dir: str

@@ -13,6 +13,7 @@ from hvagent.api.auth import require
 from hvagent.api.deps import vms as vms_dep
 from hvagent.api.schemas import AgentInfo, CpuInfo, MemoryInfo, StorageInfo
 from hvagent.config import agent_version
+from hvagent.errors import InvalidRequest
 from hvagent.services.hostinfo import host_facts
 from hvagent.services.vms import VMService
 
@@ -28,10 +29,14 @@ router.include_router(policy.router)
 @router.get("/agent", tags=["agent"], dependencies=[Depends(require(P.SYS_AUDIT, "/"))])
 async def agent_info(request: Request,
                      svc: Annotated[VMService, Depends(vms_dep)]) -> AgentInfo:
-    accel = svc.accel
+    try:
+        choice = await svc.accel()
+        accel, accel_reason = str(choice.accel), choice.reason
+    except InvalidRequest as e:  # the configured accelerator does not work here
+        accel, accel_reason = "unavailable", str(e)
     persistence = request.app.state.persistence
     h = await host_facts(svc)
-    return AgentInfo(version=agent_version(), accel=str(accel.accel), accel_reason=accel.reason,
+    return AgentInfo(version=agent_version(), accel=accel, accel_reason=accel_reason,
                      vms=svc.count(), state_dir=str(svc.config.state_dir),
                      persistent=persistence.persistent, persistence=persistence.reason,
                      warnings=persistence.warnings,

@@ -28,21 +28,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-
-import yaml
+from typing import TYPE_CHECKING
 
 from hvagent.errors import HVError, OperationFailed
-from hvagent.host import hostconfig
-from hvagent.host.hostconfig import HostConfig, HostConfigError
+from hvagent.host import hostdoc
+from hvagent.host.hostdoc import HostConfigError
 from hvagent.host.run import run
+
+if TYPE_CHECKING:
+    # The schema (pydantic) is imported only once there is a document to validate: a
+    # boot without one, or with one applied already, does not pay for it.
+    from hvagent.host import hostconfig
+    from hvagent.host.hostconfig import HostConfig
 
 PROG = "corehost-firstboot"
 CMDLINE = Path("/proc/cmdline")
 FW_CFG_ITEM = "opt/corehost/config"
 FW_CFG_RAW = Path("/sys/firmware/qemu_fw_cfg/by_name") / FW_CFG_ITEM / "raw"
-PARTLABEL = hostconfig.CONFIG_PARTITION
-FS_LABELS = (hostconfig.CONFIG_PARTITION, hostconfig.CONFIG_FS_LABEL)
-PARTITION_FILE = hostconfig.CONFIG_FILE
+PARTLABEL = hostdoc.CONFIG_PARTITION
+FS_LABELS = (hostdoc.CONFIG_PARTITION, hostdoc.CONFIG_FS_LABEL)
+PARTITION_FILE = hostdoc.CONFIG_FILE
 # Under --root:
 STAMP = Path("var/lib/corehost/host-config.json")
 EVERY_BOOT = Path("usr/lib/corehost/host-config-every-boot")
@@ -110,14 +115,14 @@ def fetch(url: str, sha256: str | None, *, retry_s: float = FETCH_RETRY_S) -> Do
     source = f"corehost.config={url}"
     if not url.startswith(("http://", "https://")):
         raise HostConfigError(f"{source}: only http:// and https:// URLs are fetched")
-    if sha256 is not None and not hostconfig.SHA256_RE.fullmatch(sha256.lower()):
+    if sha256 is not None and not hostdoc.SHA256_RE.fullmatch(sha256.lower()):
         raise HostConfigError(f"corehost.config_sha256={sha256[:80]}: not a sha256 "
                               "(64 hex digits)")
     deadline = time.monotonic() + retry_s
     while True:
         try:
             with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:  # noqa: S310
-                raw = resp.read(hostconfig.MAX_BYTES + 1)
+                raw = resp.read(hostdoc.MAX_BYTES + 1)
             break
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = (f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError)
@@ -189,7 +194,7 @@ def from_fw_cfg() -> Document | None:
         run(["modprobe", "qemu_fw_cfg"], timeout=30, check=False)
     try:
         with FW_CFG_RAW.open("rb") as f:
-            raw = f.read(hostconfig.MAX_BYTES + 1)
+            raw = f.read(hostdoc.MAX_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -201,7 +206,7 @@ def from_fw_cfg() -> Document | None:
 def from_file(path: Path) -> Document:
     try:
         with path.open("rb") as f:
-            raw = f.read(hostconfig.MAX_BYTES + 1)
+            raw = f.read(hostdoc.MAX_BYTES + 1)
     except OSError as e:
         raise HostConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     return Document(str(path), raw)
@@ -226,7 +231,9 @@ def find_document(source: str | None) -> Document | None:
 
 
 def parse(doc: Document) -> HostConfig:
-    return hostconfig.load_text(hostconfig.read_bytes(doc.raw, doc.source), doc.source)
+    from hvagent.host import hostconfig
+
+    return hostconfig.load_text(hostdoc.read_bytes(doc.raw, doc.source), doc.source)
 
 
 # --- planning --------------------------------------------------------------------------
@@ -412,6 +419,8 @@ def _plan_agent(p: Plan, config: HostConfig) -> None:
         if path.exists():
             p.remove.append(path)
         return
+    import yaml  # with a document only, as the schema
+
     text = "# Written by corehost-firstboot from the host config.\n" + yaml.safe_dump(
         settings, sort_keys=False, default_flow_style=False)
     p.files.append((path, text.encode(), 0o600))
@@ -547,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not root.is_dir():
         ap.error(f"--root {root}: not a directory")
     if args.check is not None:
+        from hvagent.host import hostconfig
+
         try:
             config = hostconfig.load_file(args.check)
             p = plan(config, str(args.check), root)

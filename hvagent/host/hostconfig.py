@@ -28,15 +28,16 @@ from pydantic import (
     model_validator,
 )
 
-from hvagent.errors import InvalidRequest
+# Finding and reading a document needs none of the schema (hvagent.host.hostdoc);
+# re-exported here for the users of the whole document.
+from hvagent.host.hostdoc import CONFIG_FILE as CONFIG_FILE
+from hvagent.host.hostdoc import CONFIG_FS_LABEL as CONFIG_FS_LABEL
+from hvagent.host.hostdoc import CONFIG_PARTITION as CONFIG_PARTITION
+from hvagent.host.hostdoc import MAX_BYTES as MAX_BYTES
+from hvagent.host.hostdoc import SHA256_RE as SHA256_RE
+from hvagent.host.hostdoc import HostConfigError as HostConfigError
+from hvagent.host.hostdoc import read_bytes as read_bytes
 
-# A host config is a few hundred bytes; anything near this is not one.
-MAX_BYTES = 1 << 20
-# Where a disk carries its host config: the GPT name of a small FAT partition (its FAT
-# volume label is CONFIG_FS_LABEL: FAT labels hold 11 characters) and the file on it.
-CONFIG_PARTITION = "COREHOST-CFG"
-CONFIG_FS_LABEL = "COREHOSTCFG"
-CONFIG_FILE = "corehost.yaml"
 SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
                  "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
                  "sk-ecdsa-sha2-nistp256@openssh.com")
@@ -44,13 +45,7 @@ MIN_TOKEN_CHARS = 32
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # useradd's portable user/group names
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class HostConfigError(InvalidRequest):
-    """A host config that cannot be read or is not valid; the message is one line naming
-    the source and the field."""
 
 
 def check_hostname(value: str) -> str:
@@ -442,17 +437,6 @@ def validate(doc: dict[str, Any], source: str) -> HostConfig:
         raise _one_line(source, e) from None
     except RecursionError:
         raise HostConfigError(f"{source}: nested too deeply: not a host config") from None
-
-
-def read_bytes(raw: bytes, source: str) -> str:
-    """The text of a host config's bytes: size and UTF-8 checked."""
-    if len(raw) > MAX_BYTES:
-        raise HostConfigError(f"{source}: larger than {MAX_BYTES} bytes: not a host config")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HostConfigError(f"{source}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                              f"offset {e.start})") from None
 
 
 def load_file(path: Path) -> HostConfig:

@@ -114,7 +114,7 @@ class VMService:
         self.jobs = jobs
         self.locks = OperationLocks()
         self.machines = Machines(on_event=self._on_event, on_lost=self._on_lost)
-        self._accel: AccelChoice | None = None
+        self._accel_task: asyncio.Task[AccelChoice] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._probing: set[str] = set()  # unresponsive VMs a background probe retries
         self.storage_dir = config.storage_dir.resolve()
@@ -148,12 +148,34 @@ class VMService:
             t.cancel()
         await self.machines.detach_all()
 
-    @property
-    def accel(self) -> AccelChoice:
-        if self._accel is None:
-            self._accel = choose_accel(self.config.accel)
-            log.info("accelerator %s: %s", self._accel.accel, self._accel.reason)
-        return self._accel
+    def begin_accel_probe(self) -> None:
+        """Resolve the accelerator in the background: the probe guest may take its whole
+        deadline, and the agent serves meanwhile. The first VM start (and GET /agent)
+        waits for the verdict; later ones have it."""
+        if self._accel_task is None:
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._resolve_accel))
+            # Retrieved here, so an `accel: kvm` refusal nobody asked for yet is no
+            # "exception was never retrieved" (it is logged and kept for the askers).
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._accel_task = task
+
+    def _resolve_accel(self) -> AccelChoice:
+        try:
+            choice = choose_accel(self.config.accel)
+        except InvalidRequest as e:  # `accel: kvm` on a host where KVM does not run guests
+            log.warning("accelerator: %s", e)
+            raise
+        log.info("accelerator %s: %s", choice.accel, choice.reason)
+        return choice
+
+    async def accel(self) -> AccelChoice:
+        """The accelerator VMs start with (InvalidRequest when the configured one does
+        not work on this host)."""
+        self.begin_accel_probe()
+        assert self._accel_task is not None
+        # Shielded: a request that gives up does not cancel the probe for the others.
+        return await asyncio.shield(self._accel_task)
 
     def files(self, name: str) -> VMFiles:
         c = self.config
@@ -239,7 +261,7 @@ class VMService:
         plug the hot-added devices again; returns QEMU's pid. The caller holds the VM's
         lock and records the new state (start: `cont`; checkpoint revert: load first)."""
         files = self.files(name)
-        cmd = machine.build_command(spec, files, self.accel.qemu_args,
+        cmd = machine.build_command(spec, files, (await self.accel()).qemu_args,
                                     nested=self.admission.policy.nested_virtualization)
         cmd += ["-S", *extra]
         log.info("%s: starting: %s", name, " ".join(cmd))

@@ -4,15 +4,20 @@ same stock kernel, never with a value written into the test."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, Agent
 
 from hvagent.errors import InvalidRequest
 from hvagent.host import kvm as accel
@@ -149,3 +154,115 @@ def test_forced_kvm_where_kvm_does_not_work_is_one_clear_error(
     last = proc.stderr.strip().splitlines()
     assert len(last) == 1 and last[0].startswith(
         "corehost: accel kvm requested, but KVM does not work on this host: "), proc.stderr
+
+
+
+def _held_probes(marker: Path) -> list[int]:
+    """Processes of the held probe (the wrapper, then the QEMU it becomes)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0") if d.name.isdigit() else []
+        except OSError:
+            continue
+        if any(a.endswith(b"qemu-system-x86_64") for a in cmd) and b"-kernel" in cmd \
+                and str(marker).encode() in b" ".join(cmd):
+            pids.append(int(d.name))
+    return pids
+
+
+def test_the_agent_serves_while_it_probes_and_the_verdict_follows(
+        tmp_path: Path, kernel: Path) -> None:
+    """The probe guest may take its whole deadline; systemd hears READY and the API
+    answers before the probe ends, and GET /agent then reports its verdict.
+
+    On this kind of host a KVM probe ends at once (QEMU cannot run a vCPU), so nothing
+    real makes it slow: the probe's `qemu-system-x86_64` is found on PATH first as a
+    wrapper that waits for the test, then execs the real QEMU, which runs the real probe.
+    The agent has a private /run/corehost (a mount namespace), so no verdict cached by
+    this host's boot spares it the probe."""
+    if not accel.kvm_usable():
+        pytest.fail("this test needs a /dev/kvm to probe")
+    real_qemu = shutil.which(accel.QEMU)
+    assert real_qemu is not None
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    hold = tmp_path / "hold"
+    os.mkfifo(hold)
+    wrapper = bindir / accel.QEMU
+    wrapper.write_text(f"#!/bin/sh\nread line < {hold}\nexec {real_qemu} \"$@\"\n")
+    wrapper.chmod(0o755)
+    # A copy of the kernel under this test's directory, so its probe is told apart.
+    probe_kernel = tmp_path / "probe-kernel"
+    shutil.copy(kernel, probe_kernel)
+    agent = Agent(tmp_path)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(120)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"),
+           "PATH": f"{bindir}:{os.environ['PATH']}", "COREHOST_KERNEL": str(probe_kernel),
+           "COREHOST_KVM_PROBE_TIMEOUT": "60"}
+    Path("/run/corehost").mkdir(parents=True, exist_ok=True)
+    private_run = ("mount -t tmpfs corehost-test /run/corehost && "
+                   f"exec {sys.executable} -m hvagent.cli.hvagent serve --config {agent.config}")
+    out = (tmp_path / "agent.log").open("ab")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             private_run], stdout=out, stderr=out, cwd=REPO, env=env)
+    try:
+        message = notify.recv(4096).decode()
+        assert "READY=1" in message.splitlines(), message
+        # READY came while the probe is held, and the API answers meanwhile.
+        assert _held_probes(probe_kernel), (tmp_path / "agent.log").read_text()
+        assert agent.client.get("/vms", timeout=30).json() == []
+        assert _held_probes(probe_kernel)
+        with hold.open("w") as f:  # let the real probe run
+            f.write("go\n")
+        info = agent.client.get("/agent", timeout=120)  # waits for the verdict
+        assert info.status_code == 200, info.text
+        assert _held_probes(probe_kernel) == []
+        # The verdict is the real probe's: the same as an independent one here.
+        ok, why = accel.probe_kvm(kernel, timeout=60)
+        assert info.json()["accel"] == ("kvm" if ok else "tcg"), (info.json(), why)
+        reason = info.json()["accel_reason"]
+        assert reason == why if not ok else reason.startswith("probe guest booted")
+        # Probed once: the verdict is kept.
+        assert agent.client.get("/agent", timeout=30).json()["accel_reason"] == reason
+    finally:
+        notify.close()
+        with contextlib.suppress(OSError):  # a wrapper still waiting is let go
+            fd = os.open(hold, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"go\n")
+            os.close(fd)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        agent.client.close()
+
+
+def test_an_agent_told_kvm_where_kvm_does_not_work_serves_and_refuses_starts(
+        tmp_path: Path) -> None:
+    """`accel: kvm` on a host whose KVM does not run guests: the agent still serves (its
+    VMs and tokens stay manageable), GET /agent says the accelerator is unavailable and
+    why, and starting a VM is a 400 naming the reason, with the VM left stopped."""
+    verdict = accel.choose_accel("auto")
+    agent = Agent(tmp_path)
+    agent.config.write_text(json.dumps({**json.loads(agent.config.read_text()),
+                                        "accel": "kvm"}))
+    agent.start()
+    try:
+        info = agent.ok("GET", "/agent")
+        created = agent.ok("POST", "/vms", json={"name": "k", "memory_mib": 64})
+        r = agent.client.post("/vms/k/start")
+        if verdict.accel == "kvm":
+            assert info["accel"] == "kvm" and r.status_code == 200, r.text
+            return
+        reason = verdict.reason.removesuffix(" (cached)")
+        assert info["accel"] == "unavailable"
+        assert info["accel_reason"].startswith(
+            "accel kvm requested, but KVM does not work on this host: " + reason)
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["detail"].startswith("accel kvm requested, but KVM does not work")
+        assert agent.ok("GET", "/vms/k")["state"] == created["state"]
+        assert agent.qemu_pids() == []
+    finally:
+        agent.stop()

@@ -91,8 +91,8 @@ def test_agent_reports_its_accelerator_choice(host: Host) -> None:
     import yaml
 
     cfg = yaml.safe_load(host.file("/etc/hvagent/hvagent.yaml").content_string)
-    # The agent opens its socket only after its own KVM probe (up to its deadline, slow
-    # under TCG): wait for it, bounded.
+    # The agent's socket appears once it serves (its KVM probe runs meanwhile, and GET
+    # /agent waits for the verdict): wait for it, bounded.
     waited = host.run("timeout 180 sh -c 'until test -S \"$1\"; do sleep 1; done' - %s",
                       cfg["listen"])
     assert waited.rc == 0, f"{cfg['listen']}: the agent's socket never appeared"
@@ -100,7 +100,8 @@ def test_agent_reports_its_accelerator_choice(host: Host) -> None:
     assert info.get("accel") in ("kvm", "tcg"), info
     if cfg["accel"] == "auto":
         # the probe decided, and says how
-        assert info["accel_reason"].startswith(("probe guest", "/dev/kvm", "no probe kernel"))
+        assert info["accel_reason"].startswith(("probe guest", "/dev/kvm", "no probe kernel",
+                                                "QEMU exited during the KVM probe"))
     else:
         assert info["accel"] == cfg["accel"]
     if info["accel"] == "kvm":

@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from builder import base, dib, hostcompat, inputs, layer, outputs, render
+from builder import base, dib, hostcompat, inputs, late, layer, outputs, render
 from builder.paths import display, repo_root
 from builder.profile import Profile
 from builder.progress import Progress
@@ -89,7 +89,12 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                 d.mkdir()
             cmd = dib.dib_command(profile, tmp)
             dib_base = tmp / "dib" / profile.name
-            key = inputs.base_hash(profile, closure, normalised_command(cmd, tmp), with_agent)
+            key, late_list = base_key(profile, closure, with_agent, cmd, tmp)
+            try:
+                late_now = late.contents(profile, late_list)
+            except render.RenderError as e:
+                raise BuildError(str(e)) from None
+            late_digest = late.digest(late_now)
             agent_source = wanted.parts["agent_source"]
             layered: dict[str, Any] | None = None
             with base.locked(key.digest):
@@ -97,7 +102,8 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                 if cached is None:
                     progress.note(f"base {key.digest[:16]}: " + (
                         "--force, building it again" if force else "not cached, building it"))
-                    cached = _build_base(profile, tmp, cmd, key, agent_source, progress)
+                    cached = _build_base(profile, tmp, cmd, key, agent_source, late_digest,
+                                         progress)
                     reused = False
                 else:
                     progress.note(f"base {key.digest[:16]}: reusing the one built "
@@ -110,14 +116,18 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                     reused = True
                 # Under the lock: another build may prune the entry once it is released.
                 shutil.copyfile(cached.path / "dib.log", result / "dib.log")
-            if reused and with_agent and cached.meta.get("agent_source") != agent_source:
-                progress.note("the agent's source changed: laying the new agent onto the base")
+            new_agent = reused and with_agent and cached.meta.get("agent_source") != agent_source
+            new_late = reused and cached.meta.get("late_files") != late_digest
+            if new_agent or new_late:
+                progress.note("laying onto the base: " + " and ".join(
+                    (["the agent (its source changed)"] if new_agent else [])
+                    + (["the late files (one changed)"] if new_late else [])))
                 try:
-                    wheel = render.agent_wheel(tmp / "wheel")
-                    layered = layer.apply_agent(dib_base, wheel, [p.name for p in closure],
-                                                progress.note)
+                    wheel = render.agent_wheel(tmp / "wheel") if new_agent else None
+                    layered = layer.apply(dib_base, wheel, late_now if new_late else {},
+                                          [p.name for p in closure], progress.note)
                 except (render.RenderError, layer.LayerError) as e:
-                    raise BuildError(f"agent layer: {e}") from None
+                    raise BuildError(f"layer: {e}") from None
             progress.note("converting outputs and writing manifest.json")
             try:
                 artifacts, bundle = outputs.produce(profile, dib_base, result)
@@ -142,7 +152,8 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
                         "reused": reused,
                         "built": meta.get("stored"),
                         "dib_duration_s": meta.get("dib_duration_s"),
-                        "agent_layer": layered,
+                        "layer": layered,
+                        "late_files": [f.image_path for f in late_list],
                         "inputs": key.parts,
                     },
                 },
@@ -157,6 +168,18 @@ def build(profile: Profile, out_root: Path, *, force: bool = False,
             _remove_build_dir(tmp)
 
 
+def base_key(profile: Profile, closure: list[Path], with_agent: bool, cmd: dib.DibCommand,
+             build_dir: Path) -> tuple[inputs.Inputs, list[late.LateFile]]:
+    """The key of the base this build starts from, and the late files it leaves out."""
+    try:
+        late_list = late.late_files(closure)
+    except late.LateFilesError as e:
+        raise BuildError(str(e)) from None
+    key = inputs.base_hash(profile, closure, normalised_command(cmd, build_dir), with_agent,
+                           frozenset(f.source for f in late_list))
+    return key, late_list
+
+
 def normalised_command(cmd: dib.DibCommand, build_dir: Path) -> dict[str, Any]:
     """DIB's argv and environment as the base key sees them: this build's temp dir and
     the checkout's location replaced by placeholders, the caller's PATH left out."""
@@ -167,7 +190,7 @@ def normalised_command(cmd: dib.DibCommand, build_dir: Path) -> dict[str, Any]:
 
 
 def _build_base(profile: Profile, tmp: Path, cmd: dib.DibCommand, key: inputs.Inputs,
-                agent_source: str | None, progress: Progress) -> base.Base:
+                agent_source: str | None, late_digest: str, progress: Progress) -> base.Base:
     """Run DIB for this build and keep what it wrote in the base cache."""
     wheels = render.build_wheelhouse(agent_source) if agent_source is not None else None
     if wheels is not None:
@@ -192,6 +215,7 @@ def _build_base(profile: Profile, tmp: Path, cmd: dib.DibCommand, key: inputs.In
         return base.store(key.digest, tmp / "dib" / profile.name, log_path, {
             "profile": profile.name,
             "agent_source": agent_source,
+            "late_files": late_digest,
             "dib_duration_s": round(time.monotonic() - began, 1),
             "kpartx": kpartx,
             "command": cmd.argv[1:],

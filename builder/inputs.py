@@ -25,8 +25,10 @@ from builder.profile import Profile
 AGENT_SOURCES = ("pyproject.toml", "README.md", "builder", "hvagent")
 
 
-def hash_tree(h: hashlib._Hash, root: Path, paths: Iterable[Path]) -> None:
-    """Feed file names (relative to root), modes and contents into h, in a stable order."""
+def hash_tree(h: hashlib._Hash, root: Path, paths: Iterable[Path],
+              without_content: frozenset[Path] = frozenset()) -> None:
+    """Feed file names (relative to root), modes and contents into h, in a stable order;
+    of the files in without_content only names and modes."""
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -38,6 +40,9 @@ def hash_tree(h: hashlib._Hash, root: Path, paths: Iterable[Path]) -> None:
             continue
         rel = f.relative_to(root).as_posix()
         h.update(f"{rel}\0{f.lstat().st_mode:o}\0".encode())
+        if f in without_content:
+            h.update(b"<laid late>")
+            continue
         h.update(os.readlink(f).encode() if f.is_symlink() else f.read_bytes())
         h.update(b"\0")
 
@@ -55,9 +60,11 @@ class Inputs:
     parts: dict[str, Any]
 
 
-def input_hash(profile: Profile, elements: list[Path], agent_hash: str | None) -> Inputs:
+def input_hash(profile: Profile, elements: list[Path], agent_hash: str | None,
+               without_content: frozenset[Path] = frozenset()) -> Inputs:
     """One hash over everything that shapes the image: resolved profile, every element
-    used (with element-deps; templates live in them), agent source and DIB's version."""
+    used (with element-deps; templates live in them), agent source and DIB's version
+    (of the element files in without_content only names and modes)."""
     parts: dict[str, Any] = {
         "profile": hashlib.sha256(
             json.dumps(profile.to_dict(), sort_keys=True).encode()).hexdigest(),
@@ -67,7 +74,7 @@ def input_hash(profile: Profile, elements: list[Path], agent_hash: str | None) -
     }
     for element in elements:
         h = hashlib.sha256()
-        hash_tree(h, element, [element])
+        hash_tree(h, element, [element], without_content)
         parts["elements"][element.name] = h.hexdigest()
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return Inputs(digest, parts)
@@ -83,11 +90,12 @@ BASE_SOURCES = ("builder", "pyproject.toml", "hvagent/config.py", "hvagent/acces
 
 
 def base_hash(profile: Profile, elements: list[Path], dib_command: dict[str, Any],
-              with_agent: bool) -> Inputs:
+              with_agent: bool, late: frozenset[Path] = frozenset()) -> Inputs:
     """The key of the base an image starts from: everything that shapes what DIB writes,
-    except the agent's source (see BASE_SOURCES). dib_command is DIB's argv and
-    environment with the build's own paths replaced by placeholders."""
-    whole = input_hash(profile, elements, None)
+    except the agent's source (see BASE_SOURCES) and the contents of the late files
+    (builder.late; `late` holds their sources). dib_command is DIB's argv and environment
+    with the build's own paths replaced by placeholders."""
+    whole = input_hash(profile, elements, None, late)
     root = repo_root()
     h = hashlib.sha256()
     hash_tree(h, root, [root / p for p in BASE_SOURCES])

@@ -1,14 +1,16 @@
-"""The agent layer: a new build of the agent laid onto a cached base (builder.base).
+"""The layer: a new build of the agent, and the late files (builder.late), laid onto a
+cached base (builder.base).
 
 The base's raw disk is attached to a loop device, its partitions added with `partx`
 (this may run where device-mapper, and so DIB's kpartx, does not), and the root file
 system (ext4, DIB's label cloudimg-rootfs) mounted. The corehost distribution the base
 carries in /opt/hvagent is removed by its RECORD and the new wheel installed with pypa's
 `installer` (scripts point at the image's /opt/hvagent/bin/python); its bytecode is
-compiled by the image's own Python in a chroot. The late steps that copy the finished
-tree elsewhere are run again on it: the PXE root squashfs (elements/pxe's cleanup.d step,
-the same script DIB ran). Everything is undone (unmount, partx -d, losetup -d) whatever
-happens.
+compiled by the image's own Python in a chroot. Late files are written whole (temporary
+file, rename) with their element's permission bits, owned by root. The late steps that
+copy the finished tree elsewhere are run again on it: the PXE root squashfs
+(elements/pxe's cleanup.d step, the same script DIB ran). Everything is undone (unmount,
+partx -d, losetup -d) whatever happens.
 """
 
 from __future__ import annotations
@@ -142,19 +144,43 @@ def install_wheel(root: Path, wheel: Path) -> list[str]:
     return tops
 
 
-def apply_agent(dib_base: Path, wheel: Path, elements: list[str],
-                note: Callable[[str], None]) -> dict[str, object]:
-    """Lay `wheel` onto the base at dib_base (its .raw, and the late steps' outputs).
-    Returns what was done, for the manifest."""
+def write_late_files(root: Path, files: dict[str, tuple[bytes, int]]) -> None:
+    """Write each late file (builder.late) whole into the image: a temporary file beside
+    it, then a rename; owned by root as install-static leaves them."""
+    for rel, (data, mode) in sorted(files.items()):
+        dest = root / rel
+        if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+            raise LayerError(f"late file /{rel}: the base has something else there")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.corehost-late")
+        try:
+            tmp.write_bytes(data)
+            os.chown(tmp, 0, 0)
+            tmp.chmod(mode)
+            tmp.replace(dest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise LayerError(f"late file /{rel}: {e.strerror or e}") from None
+
+
+def apply(dib_base: Path, wheel: Path | None, late: dict[str, tuple[bytes, int]],
+          elements: list[str], note: Callable[[str], None]) -> dict[str, object]:
+    """Lay `wheel` (when given) and the late files onto the base at dib_base (its .raw,
+    and the late steps' outputs). Returns what was done, for the manifest."""
     steps: list[str] = []
     started = time.monotonic()
     raw = Path(f"{dib_base}.raw")
     with mounted_root(raw) as root:
-        removed = remove_distribution(site_packages(root), "corehost")
-        tops = install_wheel(root, wheel)
-        steps.append(f"agent: {wheel.name} into /{VENV} ({', '.join(tops)}; "
-                     f"{len(removed)} files of the base's build replaced)")
-        note(f"layer: {steps[-1]}")
+        if wheel is not None:
+            removed = remove_distribution(site_packages(root), "corehost")
+            tops = install_wheel(root, wheel)
+            steps.append(f"agent: {wheel.name} into /{VENV} ({', '.join(tops)}; "
+                         f"{len(removed)} files of the base's build replaced)")
+            note(f"layer: {steps[-1]}")
+        if late:
+            write_late_files(root, late)
+            steps.append(f"late files: {', '.join('/' + p for p in sorted(late))}")
+            note(f"layer: {steps[-1]}")
         for element, script in LATE_STEPS.items():
             if element not in elements:
                 continue

@@ -84,6 +84,23 @@ def templates_of(element: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.j2") if p.is_file()) if root.is_dir() else []
 
 
+def render_template(element: Path, tpl: Path, profile: Profile) -> str:
+    """One template of `element` rendered for `profile` (RenderError as file:line)."""
+    tdir = element / "templates"
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(tdir)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    try:
+        return env.get_template(tpl.relative_to(tdir).as_posix()).render(profile=profile)
+    except jinja2.TemplateSyntaxError as e:
+        raise RenderError(f"{display(tpl)}:{e.lineno}: {e.message}") from None
+    except jinja2.TemplateError as e:
+        raise RenderError(f"{display(tpl)}: {e}") from None
+
+
 def render_overlay(profile: Profile, build_dir: Path, wheels: Path | None) -> Path:
     """Write the overlay element under build_dir/elements; returns that elements dir."""
     elements_root = build_dir / "elements"
@@ -98,24 +115,13 @@ def render_overlay(profile: Profile, build_dir: Path, wheels: Path | None) -> Pa
         tdir = element / "templates"
         if not tdir.is_dir():
             continue
-        env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(tdir)),
-            undefined=jinja2.StrictUndefined,
-            keep_trailing_newline=True,
-            autoescape=False,
-        )
         for tpl in templates_of(element):
             rel = tpl.relative_to(tdir).with_suffix("")  # strip .j2
             if rel in written:
                 raise RenderError(f"{display(tpl)}: /{rel} is also rendered by "
                                   f"{display(written[rel])}")
             written[rel] = tpl
-            try:
-                text = env.get_template(tpl.relative_to(tdir).as_posix()).render(profile=profile)
-            except jinja2.TemplateSyntaxError as e:
-                raise RenderError(f"{display(tpl)}:{e.lineno}: {e.message}") from None
-            except jinja2.TemplateError as e:
-                raise RenderError(f"{display(tpl)}: {e}") from None
+            text = render_template(element, tpl, profile)
             dest = static / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(text)

@@ -270,12 +270,13 @@ def _copy_checkout(dest: Path) -> Path:
     return dest
 
 
-def test_an_agent_change_reuses_the_base_and_boots_with_the_new_agent(
+def test_an_agent_or_late_file_change_reuses_the_base_and_boots_with_it(
         tmp_path: Path) -> None:
-    """Build profiles/ci.yaml from a copy of the checkout whose agent has one more line:
-    the base that CI's own build of the same profile left in the cache is reused (no
-    DIB run; the manifest says so), the new agent is laid onto it, and the booted image
-    runs that agent. (Run alone, the first build of the copy makes the base and a second
+    """Build profiles/ci.yaml from a copy of the checkout whose agent has one more line
+    and two of whose late files (a template, a static file) do: the base that CI's own
+    build of the same profile left in the cache is reused (no DIB run; the manifest says
+    so), the new agent and files are laid onto it, and the booted image runs that agent
+    and has those files. (Run alone, the first build of the copy makes the base and a second
     one, after the edit, is the reuse.)"""
     copy = _copy_checkout(tmp_path / "checkout")
     out = tmp_path / "out"
@@ -291,14 +292,24 @@ def test_an_agent_change_reuses_the_base_and_boots_with_the_new_agent(
     mark = uuid.uuid4().hex
     init = copy / "hvagent" / "__init__.py"
     init.write_text(init.read_text() + f"\nLAYER_TEST_MARK = {mark!r}\n")
+    # Two late files (elements' late-files) change too: a template and a static file.
+    late = {"etc/hvagent/hvagent.yaml":
+            copy / "elements/hvagent/templates/etc/hvagent/hvagent.yaml.j2",
+            "etc/systemd/network/80-dhcp.network":
+            copy / "elements/server-core/static/etc/systemd/network/80-dhcp.network"}
+    for source in late.values():
+        source.write_text(source.read_text() + f"# {mark}\n")
     second = build()
 
     base = second["base"]
     assert isinstance(base, dict)
     assert base["reused"] is True
     assert base["key"] == first["base"]["key"]  # type: ignore[index]
-    layer = base["agent_layer"]
+    layer = base["layer"]
     assert layer and any(s.startswith("agent: corehost-") for s in layer["steps"]), layer
+    assert f"late files: {', '.join('/' + p for p in sorted(base['late_files']))}" in layer[
+        "steps"], layer
+    assert set(late) <= set(base["late_files"])
     assert any(s.startswith("pxe: ") for s in layer["steps"]), layer
 
     # The PXE root carries the new agent too (the squashfs inside the rootfs cpio).
@@ -313,6 +324,9 @@ def test_an_agent_change_reuses_the_base_and_boots_with_the_new_agent(
                             "opt/hvagent/lib/python3.11/site-packages/hvagent/__init__.py"],
                            capture_output=True, text=True, timeout=300)
     assert mark in shown.stdout, shown.stderr
+    shown = subprocess.run(["unsquashfs", "-cat", str(squash), "etc/hvagent/hvagent.yaml"],
+                           capture_output=True, text=True, timeout=300)
+    assert f"# {mark}" in shown.stdout, shown.stderr
 
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
@@ -331,6 +345,10 @@ def test_an_agent_change_reuses_the_base_and_boots_with_the_new_agent(
                                "'import hvagent; print(hvagent.LAYER_TEST_MARK)'"],
                               capture_output=True, text=True, timeout=120)
         assert seen.stdout.strip() == mark, seen.stderr
+        for path in late:  # the late files as this build made them
+            text = subprocess.run([*ssh, "cat", f"/{path}"], capture_output=True, text=True,
+                                  timeout=60)
+            assert text.stdout.endswith(f"# {mark}\n"), (path, text.stdout, text.stderr)
         # The agent answers on its socket: the laid-on package is the one serving.
         version = subprocess.run([*ssh, "hvctl", "--json", "host", "info"], capture_output=True,
                                  text=True, timeout=120)

@@ -30,8 +30,7 @@ def ci_like(fake_root: Path, add_element: Callable[..., Path]) -> Path:
 def key(profile: Path, build_dir: Path = Path("/tmp/b1")) -> inputs.Inputs:
     p = load(profile)
     closure, with_agent, _ = build.plan(p)
-    cmd = build.normalised_command(dib.dib_command(p, build_dir), build_dir)
-    return inputs.base_hash(p, closure, cmd, with_agent)
+    return build.base_key(p, closure, with_agent, dib.dib_command(p, build_dir), build_dir)[0]
 
 
 def test_the_agents_own_source_does_not_change_the_base(ci_like: Path, fake_root: Path) -> None:
@@ -186,3 +185,96 @@ def test_a_record_reaching_outside_the_venv_is_refused(tmp_path: Path) -> None:
     with pytest.raises(layer.LayerError, match="outside /opt/hvagent"):
         layer.remove_distribution(site, "corehost")
     assert victim.read_text() == "root:x:0:0\n"
+
+
+# ---------------------------------------------------------------- late files
+
+
+@pytest.fixture()
+def with_late(ci_like: Path, fake_root: Path) -> Path:
+    """ci_like whose hvagent element declares its config template and a static script
+    late, next to a unit file that is not."""
+    element = fake_root / "elements" / "hvagent"
+    (element / "static/usr/lib/corehost").mkdir(parents=True)
+    (element / "static/usr/lib/corehost/helper").write_text("#!/bin/sh\necho 1\n")
+    (element / "static/usr/lib/systemd/system").mkdir(parents=True)
+    (element / "static/usr/lib/systemd/system/a.service").write_text(
+        "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")
+    (element / "late-files").write_text(
+        "# nothing reads these while the image is built\n"
+        "etc/hvagent/hvagent.yaml\n/usr/lib/corehost/helper  # a leading slash is fine\n")
+    return ci_like
+
+
+def test_a_late_files_change_keeps_the_base_and_the_rest_changes_it(
+        with_late: Path, fake_root: Path) -> None:
+    element = fake_root / "elements" / "hvagent"
+    p = load(with_late)
+    before, whole = key(with_late).digest, build.plan(p)[2].digest
+    # The contents of late files (a template, a static file) leave the base as it is,
+    # but not the whole build's input hash: the build is redone, on the same base.
+    (element / "templates/etc/hvagent/hvagent.yaml.j2").write_text("listen: y\n")
+    (element / "static/usr/lib/corehost/helper").write_text("#!/bin/sh\necho 2\n")
+    assert key(with_late).digest == before
+    assert build.plan(load(with_late))[2].digest != whole
+    # Their permission bits, a file that is not late, and the list itself change it.
+    for change in ("mode", "unit", "list"):
+        if change == "mode":
+            (element / "static/usr/lib/corehost/helper").chmod(0o755)
+        elif change == "unit":
+            (element / "static/usr/lib/systemd/system/a.service").write_text(
+                "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=other.target\n")
+        else:
+            (element / "late-files").write_text("etc/hvagent/hvagent.yaml\n")
+        now = key(with_late).digest
+        assert now != before, change
+        before = now
+
+
+def test_late_file_contents_are_what_the_image_gets(with_late: Path) -> None:
+    from builder import late, render
+
+    p = load(with_late)
+    closure = render.element_closure([*p.build_elements, render.OVERLAY_DEPS])
+    files = late.late_files(closure)
+    assert [(f.image_path, f.template) for f in files] == [
+        ("etc/hvagent/hvagent.yaml", True), ("usr/lib/corehost/helper", False)]
+    got = late.contents(p, files)
+    assert got["etc/hvagent/hvagent.yaml"][0] == b"listen: x\n"
+    assert got["usr/lib/corehost/helper"] == (b"#!/bin/sh\necho 1\n", 0o644)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("etc/no/such/file", "neither static/etc/no/such/file nor templates/etc/no/such/file.j2 "
+                         "of element hvagent is a regular file"),
+    ("../../etc/passwd", "not a path in the image"),
+    ("/", "not a path in the image"),
+    ("usr/lib/corehost", "neither static/usr/lib/corehost nor"),  # a directory
+    ("etc/hvagent/hvagent.yaml\netc/hvagent/hvagent.yaml", "listed twice"),
+])
+def test_a_late_files_entry_that_names_nothing_usable_stops_the_build(
+        with_late: Path, fake_root: Path, entry: str, message: str) -> None:
+    listing = fake_root / "elements" / "hvagent" / "late-files"
+    listing.write_text(f"# late\n{entry}\n")
+    with pytest.raises(build.BuildError) as info:
+        key(with_late)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith("elements/hvagent/late-files:")
+    assert message in text
+
+
+def test_the_layer_writes_late_files_whole_with_their_modes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc/hvagent").mkdir(parents=True)
+    (root / "etc/hvagent/hvagent.yaml").write_text("old\n")
+    layer.write_late_files(root, {"etc/hvagent/hvagent.yaml": (b"new\n", 0o640),
+                                  "usr/lib/corehost/helper": (b"#!/bin/sh\n", 0o755)})
+    assert (root / "etc/hvagent/hvagent.yaml").read_bytes() == b"new\n"
+    assert (root / "etc/hvagent/hvagent.yaml").stat().st_mode & 0o7777 == 0o640
+    assert (root / "usr/lib/corehost/helper").stat().st_mode & 0o7777 == 0o755
+    assert sorted(p.name for p in (root / "etc/hvagent").iterdir()) == ["hvagent.yaml"]
+    # Something else where a late file goes (a symlink out of the tree) is refused.
+    (root / "etc/link").symlink_to("/etc/passwd")
+    with pytest.raises(layer.LayerError, match="late file /etc/link: the base has something"):
+        layer.write_late_files(root, {"etc/link": (b"x", 0o644)})

@@ -6,6 +6,8 @@ In one run, on this machine, with DIB's debootstrap tarball warm for both sides:
 * no-change rebuild:  `corehost build profiles/server-core.yaml` (reuses the last build)
 * agent-only rebuild:  the same after one line of hvagent/ changed (reuses the cached
   base and lays the new agent onto it; the line is taken out again afterwards)
+* late-file rebuild:  the same after one line of a late file (an element's late-files:
+  server-core's DHCP network file) changed; same target as the agent-only rebuild
 * peer:  `disk-image-create debian-minimal vm` with the same package list (every
   package the profile's elements and the profile itself install), plus the one file a
   bare image needs to be reachable at all (systemd-networkd DHCP; debian-minimal brings
@@ -162,20 +164,21 @@ def boot(image: Path, agent: bool, timeout: float = 600.0) -> tuple[float, float
     return ssh, started
 
 
-def agent_only_rebuild(corehost: str, profile: str, work: Path) -> float:
-    """Seconds to rebuild after one line of the agent changed (restored afterwards, and
-    the image rebuilt from the restored source is what the boot figures measure)."""
-    init = repo_root() / "hvagent" / "__init__.py"
-    original = init.read_bytes()
+def one_change_rebuild(corehost: str, profile: str, work: Path, path: Path, what: str,
+                       comment: bytes) -> float:
+    """Seconds to rebuild after one line of `path` changed (restored afterwards, and the
+    image rebuilt from the restored source is what the boot figures measure)."""
+    original = path.read_bytes()
     try:
-        init.write_bytes(original + b"\n# bench/build.py: an agent-only change\n")
-        took = timed([corehost, "build", profile], log=work / "agent-only.log")
+        path.write_bytes(original + comment + b" bench/build.py: a " + what.encode()
+                         + b" change\n")
+        took = timed([corehost, "build", profile], log=work / f"{what}.log")
     finally:
-        init.write_bytes(original)
+        path.write_bytes(original)
     if '"reused": true' not in (repo_root() / "out" / Path(profile).stem
                                 / "manifest.json").read_text():
-        say("WARNING: the agent-only rebuild did not reuse the base")
-    timed([corehost, "build", profile], log=work / "restore.log")  # not measured
+        say(f"WARNING: the {what} rebuild did not reuse the base")
+    timed([corehost, "build", profile], log=work / f"{what}-restore.log")  # not measured
     return took
 
 
@@ -198,7 +201,13 @@ def main() -> int:
         if "up to date" not in (work / "nochange.log").read_text():
             say("WARNING: an input (elements, profile, agent source) changed during the run: "
                 "the no-change figure is a full rebuild")
-        agent_only = agent_only_rebuild(corehost, args.profile, work)
+        agent_only = one_change_rebuild(corehost, args.profile, work,
+                                        repo_root() / "hvagent" / "__init__.py",
+                                        "agent-only", b"\n#")
+        late_only = one_change_rebuild(
+            corehost, args.profile, work,
+            repo_root() / "elements/server-core/static/etc/systemd/network/80-dhcp.network",
+            "late-file", b"#")
         bare_build, bare_image = build_bare(profile, work)
         size, bare_size = image.stat().st_size, bare_image.stat().st_size
         ours_ssh, ours_agent = boot(image, agent=True)
@@ -210,6 +219,7 @@ def main() -> int:
         ("cold build (s)", cold, bare_build, TARGET_COLD),
         ("no-change rebuild (s)", nochange, bare_build, None),
         ("agent-only rebuild (s)", agent_only, bare_build, TARGET_AGENT_REBUILD),
+        ("late-file rebuild (s)", late_only, bare_build, TARGET_AGENT_REBUILD),
         ("image size (MiB)", size / mib, bare_size / mib, TARGET_SIZE),
         ("boot to sshd (s, TCG)", ours_ssh, bare_ssh, None),
         ("boot to hvagent active (s, TCG)", ours_agent, bare_ssh, TARGET_AGENT),

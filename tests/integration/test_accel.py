@@ -71,6 +71,15 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def test_the_probe_guest_shows_its_banner_where_it_runs(kernel: Path) -> None:
+    """The probe's own guest (kernel, command line, console) under TCG, which runs it on
+    any host: its banner reaches the probe. A console too quiet to print the banner
+    would make every KVM probe fail, and every host run its VMs under TCG."""
+    ok, why = accel.probe_guest(kernel, accel.TCG_ARGS, "TCG", timeout=120)
+    assert ok, why
+    assert why.startswith("probe guest booted under TCG in ")
+
+
 def test_probe_verdict_agrees_with_an_independent_kvm_boot(kernel: Path, cache: Path) -> None:
     # The kernel itself is fine: under TCG it prints its banner.
     assert _banner_within(list(accel.TCG_ARGS), kernel, 120)

@@ -246,6 +246,14 @@ def _alive(mountpoint: str) -> bool:
         return False
 
 
+def _locked_by_someone(path: Path) -> bool:
+    """Whether any process holds a lock on `path` (/proc/locks names MAJ:MIN:INODE)."""
+    ino = str(path.stat().st_ino)
+    return any(tok.count(":") == 2 and tok.rsplit(":", 1)[1] == ino
+               for line in Path("/proc/locks").read_text().splitlines()
+               for tok in line.split())
+
+
 def test_image_in_use_is_refused(raws: dict[str, Path], tmp_path: Path) -> None:
     d = di.TestDisk(di.convert(raws["gpt"], "qcow2", tmp_path / "d.qcow2"), "qcow2", "gpt")
     host = tmp_path / "x"
@@ -258,10 +266,13 @@ def test_image_in_use_is_refused(raws: dict[str, Path], tmp_path: Path) -> None:
          "-device", "virtio-blk-pci,drive=d0"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        # Wait until QEMU holds its locks on the image, seen in /proc/locks: a probe that
+        # takes a lock itself (qemu-img info) could hold one just as QEMU starts, and QEMU
+        # would give up on the image.
         deadline = time.monotonic() + 30
-        while subprocess.run(["qemu-img", "info", str(d.path)], capture_output=True,
-                             check=False, timeout=60).returncode == 0:
-            assert qemu.poll() is None and time.monotonic() < deadline
+        while not _locked_by_someone(d.path):
+            assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
+            assert time.monotonic() < deadline, "QEMU never locked the image"
             time.sleep(0.05)
         for args in (("put", d.path, host, "/x"), ("cat", d.path, "/etc/hostname")):
             err = hvdisk(*args, rc=2).stderr.decode()

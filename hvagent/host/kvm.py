@@ -16,12 +16,13 @@ import json
 import logging
 import os
 import select
+import threading
 import time
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from hvagent.errors import InvalidRequest
+from hvagent.errors import Conflict, InvalidRequest
 from hvagent.host import run
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,19 @@ def kvm_usable() -> bool:
     return True
 
 
-def probe_kvm(kernel: Path, timeout: float = DEFAULT_PROBE_TIMEOUT) -> tuple[bool, str]:
+class ProbeStopped(Conflict):
+    """The probe was called off (the agent is stopping): there is no verdict."""
+
+
+def probe_kvm(kernel: Path, timeout: float = DEFAULT_PROBE_TIMEOUT,
+              stop: threading.Event | None = None) -> tuple[bool, str]:
     """Boot `kernel` under KVM: (True, how long) when its banner reaches serial in time,
-    else (False, why)."""
-    return probe_guest(kernel, KVM_ARGS, "KVM", timeout)
+    else (False, why). ProbeStopped when `stop` is set first."""
+    return probe_guest(kernel, KVM_ARGS, "KVM", timeout, stop)
 
 
-def probe_guest(kernel: Path, accel_args: tuple[str, ...], name: str,
-                timeout: float) -> tuple[bool, str]:
+def probe_guest(kernel: Path, accel_args: tuple[str, ...], name: str, timeout: float,
+                stop: threading.Event | None = None) -> tuple[bool, str]:
     """The probe guest under `accel_args` (KVM's for the verdict; TCG's proves the probe
     itself sees a kernel that runs)."""
     cmd = [
@@ -98,6 +104,8 @@ def probe_guest(kernel: Path, accel_args: tuple[str, ...], name: str,
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise ProbeStopped(f"the {name} probe was called off")
             ready, _, _ = select.select([proc.stdout], [], [], 0.2)
             if ready:
                 chunk = os.read(proc.stdout.fileno(), 65536)
@@ -129,13 +137,15 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def choose_accel(requested: Accel | str = Accel.AUTO, *, use_cache: bool = True) -> AccelChoice:
+def choose_accel(requested: Accel | str = Accel.AUTO, *, use_cache: bool = True,
+                 stop: threading.Event | None = None) -> AccelChoice:
     """Resolve `auto` by probing (cached per host boot). `tcg` is always honoured; `kvm`
-    only where the probe shows KVM works, else InvalidRequest."""
+    only where the probe shows KVM works, else InvalidRequest. Setting `stop` calls a
+    running probe off (ProbeStopped)."""
     requested = Accel(requested)
     if requested is Accel.TCG:
         return AccelChoice(Accel.TCG, "requested")
-    choice = _probed(use_cache)
+    choice = _probed(use_cache, stop)
     if requested is Accel.KVM:
         # A forced KVM on a host where it does not really run a guest would only hang
         # the guest silently at 100 % CPU: refuse it with the probe's finding.
@@ -146,7 +156,7 @@ def choose_accel(requested: Accel | str = Accel.AUTO, *, use_cache: bool = True)
     return choice
 
 
-def _probed(use_cache: bool) -> AccelChoice:
+def _probed(use_cache: bool, stop: threading.Event | None = None) -> AccelChoice:
     """What the probe concludes (cached per host boot)."""
     if not kvm_usable():
         return AccelChoice(Accel.TCG, "/dev/kvm missing or not accessible")
@@ -164,7 +174,7 @@ def _probed(use_cache: bool) -> AccelChoice:
         choice = AccelChoice(Accel.TCG, "no probe kernel found; KVM not verified")
     else:
         timeout = float(os.environ.get("COREHOST_KVM_PROBE_TIMEOUT", DEFAULT_PROBE_TIMEOUT))
-        ok, why = probe_kvm(kernel, timeout)
+        ok, why = probe_kvm(kernel, timeout, stop)  # ProbeStopped: nothing is cached
         choice = AccelChoice(Accel.KVM if ok else Accel.TCG, why)
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
     try:

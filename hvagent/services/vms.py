@@ -13,6 +13,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from enum import StrEnum, auto
@@ -107,6 +108,10 @@ class VMInfo(BaseModel):
     updated_at: float
 
 
+# How long shutdown waits for a probe it called off to end its guest (it polls 5x a second).
+PROBE_STOP_WAIT = 5.0
+
+
 class VMService:
     def __init__(self, config: AgentConfig, store: Store, jobs: Jobs) -> None:
         self.config = config
@@ -115,6 +120,7 @@ class VMService:
         self.locks = OperationLocks()
         self.machines = Machines(on_event=self._on_event, on_lost=self._on_lost)
         self._accel_task: asyncio.Task[AccelChoice] | None = None
+        self._probe_stop = threading.Event()  # set on shutdown: a running probe gives up
         self._background: set[asyncio.Task[Any]] = set()
         self._probing: set[str] = set()  # unresponsive VMs a background probe retries
         self.storage_dir = config.storage_dir.resolve()
@@ -143,7 +149,13 @@ class VMService:
             await hook()
 
     async def shutdown(self) -> None:
-        """Drop QMP connections; the VMs keep running. Bounded: each close is."""
+        """Drop QMP connections; the VMs keep running. Bounded: each close is, and a
+        probe still running is called off (its thread would hold the exit up)."""
+        self._probe_stop.set()
+        if self._accel_task is not None:
+            # The probe's thread ends its guest within a poll; the process may be ended by
+            # a signal right after this returns, which would orphan that guest.
+            await asyncio.wait({self._accel_task}, timeout=PROBE_STOP_WAIT)
         for t in list(self._background):
             t.cancel()
         await self.machines.detach_all()
@@ -162,7 +174,7 @@ class VMService:
 
     def _resolve_accel(self) -> AccelChoice:
         try:
-            choice = choose_accel(self.config.accel)
+            choice = choose_accel(self.config.accel, stop=self._probe_stop)
         except InvalidRequest as e:  # `accel: kvm` on a host where KVM does not run guests
             log.warning("accelerator: %s", e)
             raise

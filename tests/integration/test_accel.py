@@ -180,71 +180,114 @@ def _held_probes(marker: Path) -> list[int]:
     return pids
 
 
-def test_the_agent_serves_while_it_probes_and_the_verdict_follows(
-        tmp_path: Path, kernel: Path) -> None:
-    """The probe guest may take its whole deadline; systemd hears READY and the API
-    answers before the probe ends, and GET /agent then reports its verdict.
+class HeldProbeAgent:
+    """An agent whose KVM probe is held until the test lets it go.
 
     On this kind of host a KVM probe ends at once (QEMU cannot run a vCPU), so nothing
     real makes it slow: the probe's `qemu-system-x86_64` is found on PATH first as a
     wrapper that waits for the test, then execs the real QEMU, which runs the real probe.
     The agent has a private /run/corehost (a mount namespace), so no verdict cached by
     this host's boot spares it the probe."""
-    if not accel.kvm_usable():
-        pytest.fail("this test needs a /dev/kvm to probe")
-    real_qemu = shutil.which(accel.QEMU)
-    assert real_qemu is not None
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    hold = tmp_path / "hold"
-    os.mkfifo(hold)
-    wrapper = bindir / accel.QEMU
-    wrapper.write_text(f"#!/bin/sh\nread line < {hold}\nexec {real_qemu} \"$@\"\n")
-    wrapper.chmod(0o755)
-    # A copy of the kernel under this test's directory, so its probe is told apart.
-    probe_kernel = tmp_path / "probe-kernel"
-    shutil.copy(kernel, probe_kernel)
-    agent = Agent(tmp_path)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(120)
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"),
-           "PATH": f"{bindir}:{os.environ['PATH']}", "COREHOST_KERNEL": str(probe_kernel),
-           "COREHOST_KVM_PROBE_TIMEOUT": "60"}
-    Path("/run/corehost").mkdir(parents=True, exist_ok=True)
-    private_run = ("mount -t tmpfs corehost-test /run/corehost && "
-                   f"exec {sys.executable} -m hvagent.cli.hvagent serve --config {agent.config}")
-    out = (tmp_path / "agent.log").open("ab")
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                             private_run], stdout=out, stderr=out, cwd=REPO, env=env)
+
+    def __init__(self, tmp_path: Path, kernel: Path) -> None:
+        if not accel.kvm_usable():
+            pytest.fail("this test needs a /dev/kvm to probe")
+        real_qemu = shutil.which(accel.QEMU)
+        assert real_qemu is not None
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        self.hold = tmp_path / "hold"
+        os.mkfifo(self.hold)
+        wrapper = bindir / accel.QEMU
+        wrapper.write_text(f"#!/bin/sh\nread line < {self.hold}\nexec {real_qemu} \"$@\"\n")
+        wrapper.chmod(0o755)
+        # A copy of the kernel under this test's directory, so its probe is told apart.
+        self.kernel = tmp_path / "probe-kernel"
+        shutil.copy(kernel, self.kernel)
+        self.log = tmp_path / "agent.log"
+        self.agent = Agent(tmp_path)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp_path / "notify"))
+        self.notify.settimeout(120)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"),
+               "PATH": f"{bindir}:{os.environ['PATH']}",
+               "COREHOST_KERNEL": str(self.kernel), "COREHOST_KVM_PROBE_TIMEOUT": "300"}
+        Path("/run/corehost").mkdir(parents=True, exist_ok=True)
+        private_run = ("mount -t tmpfs corehost-test /run/corehost && exec "
+                       f"{sys.executable} -m hvagent.cli.hvagent serve --config "
+                       f"{self.agent.config}")
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh",
+                                      "-c", private_run], stdout=out, stderr=out, cwd=REPO,
+                                     env=env)
+
+    def ready(self) -> str:
+        return self.notify.recv(4096).decode()
+
+    def held(self) -> list[int]:
+        return _held_probes(self.kernel)
+
+    def release(self) -> None:
+        """Let a waiting wrapper go on (nothing if none waits)."""
+        with contextlib.suppress(OSError):
+            fd = os.open(self.hold, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"go\n")
+            os.close(fd)
+
+    def close(self) -> None:
+        self.notify.close()
+        self.release()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=120)
+        self.agent.client.close()
+
+
+def test_the_agent_serves_while_it_probes_and_the_verdict_follows(
+        tmp_path: Path, kernel: Path) -> None:
+    """The probe guest may take its whole deadline; systemd hears READY and the API
+    answers before the probe ends, and GET /agent then reports its verdict."""
+    a = HeldProbeAgent(tmp_path, kernel)
     try:
-        message = notify.recv(4096).decode()
+        message = a.ready()
         assert "READY=1" in message.splitlines(), message
         # READY came while the probe is held, and the API answers meanwhile.
-        assert _held_probes(probe_kernel), (tmp_path / "agent.log").read_text()
-        assert agent.client.get("/vms", timeout=30).json() == []
-        assert _held_probes(probe_kernel)
-        with hold.open("w") as f:  # let the real probe run
-            f.write("go\n")
-        info = agent.client.get("/agent", timeout=120)  # waits for the verdict
+        assert a.held(), a.log.read_text()
+        assert a.agent.client.get("/vms", timeout=30).json() == []
+        assert a.held()
+        a.release()  # let the real probe run
+        info = a.agent.client.get("/agent", timeout=120)  # waits for the verdict
         assert info.status_code == 200, info.text
-        assert _held_probes(probe_kernel) == []
+        assert a.held() == []
         # The verdict is the real probe's: the same as an independent one here.
         ok, why = accel.probe_kvm(kernel, timeout=60)
         assert info.json()["accel"] == ("kvm" if ok else "tcg"), (info.json(), why)
         reason = info.json()["accel_reason"]
         assert reason == why if not ok else reason.startswith("probe guest booted")
         # Probed once: the verdict is kept.
-        assert agent.client.get("/agent", timeout=30).json()["accel_reason"] == reason
+        assert a.agent.client.get("/agent", timeout=30).json()["accel_reason"] == reason
     finally:
-        notify.close()
-        with contextlib.suppress(OSError):  # a wrapper still waiting is let go
-            fd = os.open(hold, os.O_WRONLY | os.O_NONBLOCK)
-            os.write(fd, b"go\n")
-            os.close(fd)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        agent.client.close()
+        a.close()
+
+
+def test_an_agent_stopped_while_it_probes_exits_and_leaves_no_probe(
+        tmp_path: Path, kernel: Path) -> None:
+    """SIGTERM while the probe runs (its deadline here is minutes): the agent calls the
+    probe off and exits at once, with no probe guest left behind."""
+    a = HeldProbeAgent(tmp_path, kernel)
+    try:
+        assert "READY=1" in a.ready().splitlines()
+        assert a.held(), a.log.read_text()
+        a.proc.send_signal(signal.SIGTERM)
+        # Bounded well below the probe's deadline: a probe nobody calls off holds the
+        # exit for the whole deadline.
+        # (0, or the SIGTERM uvicorn re-raises once it has shut down: a clean stop to
+        # systemd either way)
+        assert a.proc.wait(timeout=60) in (0, -signal.SIGTERM), a.log.read_text()
+        assert a.held() == []
+        assert "Traceback" not in a.log.read_text()
+    finally:
+        a.close()
 
 
 def test_an_agent_told_kvm_where_kvm_does_not_work_serves_and_refuses_starts(

@@ -130,22 +130,35 @@ def test_a_failed_write_is_rolled_back_not_just_prechecked(fmt: str, raw_gpt: Pa
         assert d.sha256() == before, way
 
 
+def _children_running(pid: int, needle: bytes) -> bool:
+    """Whether a child of `pid` has `needle` in its command line."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return False
+    for kid in kids:
+        try:
+            if needle in Path(f"/proc/{kid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_an_edit_killed_while_committing_is_completed_next_time(raw_gpt: Path,
                                                                  tmp_path: Path) -> None:
     d = di.TestDisk(di.convert(raw_gpt, "qcow2", tmp_path / "d.qcow2"), "qcow2", "gpt")
     big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(24 << 20))
+    big.write_bytes(os.urandom(24 << 20))  # the test disk's file system has room for it
     before = d.sha256()
     proc = subprocess.Popen([*HVDISK, "put", str(d.path), str(big), "/big.bin"],
                             env=env_for("fuse"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
+    # Watched through /proc (no pgrep per round): the commit must not slip between looks.
     while time.monotonic() < deadline and proc.poll() is None:
-        kids = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "qemu-img commit"],
-                              capture_output=True, check=False, timeout=10).stdout.split()
-        if kids:
+        if _children_running(proc.pid, b"qemu-img\0commit"):
             break
-        time.sleep(0.005)
     assert proc.poll() is None, "the edit finished before it could be interrupted"
     os.killpg(proc.pid, 9)
     proc.wait(timeout=30)

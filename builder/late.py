@@ -42,13 +42,18 @@ def late_files(elements: list[Path]) -> list[LateFile]:
         listing = element / LATE_LIST
         if not listing.is_file():
             continue
-        for n, line in enumerate(listing.read_text().splitlines(), 1):
+        try:
+            text = listing.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LateFilesError(f"{display(listing)}: not UTF-8 text (byte at offset "
+                                 f"{e.start})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             entry = line.split("#", 1)[0].strip()
             if not entry:
                 continue
             where = f"{display(listing)}:{n}: {entry}"
             rel = PurePosixPath(entry.lstrip("/"))
-            if not rel.parts or ".." in rel.parts or str(rel) == ".":
+            if not rel.parts or ".." in rel.parts or str(rel) == "." or "\0" in entry:
                 raise LateFilesError(f"{where}: not a path in the image")
             static = element / "static" / rel
             template = element / "templates" / f"{rel}.j2"

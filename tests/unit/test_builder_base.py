@@ -249,6 +249,7 @@ def test_late_file_contents_are_what_the_image_gets(with_late: Path) -> None:
                          "of element hvagent is a regular file"),
     ("../../etc/passwd", "not a path in the image"),
     ("/", "not a path in the image"),
+    ("etc/a\0b", "not a path in the image"),
     ("usr/lib/corehost", "neither static/usr/lib/corehost nor"),  # a directory
     ("etc/hvagent/hvagent.yaml\netc/hvagent/hvagent.yaml", "listed twice"),
 ])
@@ -278,3 +279,10 @@ def test_the_layer_writes_late_files_whole_with_their_modes(tmp_path: Path) -> N
     (root / "etc/link").symlink_to("/etc/passwd")
     with pytest.raises(layer.LayerError, match="late file /etc/link: the base has something"):
         layer.write_late_files(root, {"etc/link": (b"x", 0o644)})
+
+
+def test_a_late_files_list_that_is_not_utf8_stops_the_build(with_late: Path,
+                                                           fake_root: Path) -> None:
+    (fake_root / "elements/hvagent/late-files").write_bytes(b"etc/\xff\n")
+    with pytest.raises(build.BuildError, match=r"^elements/hvagent/late-files: not UTF-8"):
+        key(with_late)

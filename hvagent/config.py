@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hvagent.errors import InvalidRequest
 from hvagent.host.kvm import Accel
+from hvagent.netspec import NetworkSpec
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -103,6 +104,18 @@ class AgentConfig(BaseModel):
     bootstrap_token_sha256: str | None = Field(
         default=None, json_schema_extra={"pattern": SHA256_HEX},
         description="sha256 (64 lowercase hex) of an Administrator token for `admin`")
+    # Managed networks the host always has (hvagent.services.networks): made on start,
+    # updated when their settings here change, not deletable through the API.
+    networks: list[NetworkSpec] = Field(default_factory=list)
+
+    @field_validator("networks")
+    @classmethod
+    def _distinct(cls, v: list[NetworkSpec]) -> list[NetworkSpec]:
+        names = [n.name for n in v]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"network {dup!r} is declared twice")
+        return v
 
     @field_validator("bootstrap_token_sha256")
     @classmethod

@@ -200,14 +200,24 @@ class DiskSpec(BaseModel):
         return self
 
 
+# The networks a NIC may name besides the host's managed networks (hvagent.netspec):
+# QEMU's user-mode NAT, and the built-in one-bridge-per-VLAN segments (hvbr<vlan>).
+USER_NETWORK, VLAN_BRIDGES = "user", "bridge"
+RESERVED_NETWORKS = (USER_NETWORK, VLAN_BRIDGES)
+
+
 class NicSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    network: Literal["user", "bridge"] = Field(default="user", description=(
+    network: str = Field(default=USER_NETWORK, json_schema_extra={
+        "pattern": NAME_RE, "minLength": 1, "maxLength": NAME_MAX}, description=(
         "user: QEMU user-mode networking (NAT, no VLAN); bridge: a tap on the host "
-        "bridge of VLAN `vlan` (hvbr<vlan>). Giving `vlan` alone means bridge"))
+        "bridge of VLAN `vlan` (hvbr<vlan>); any other name: the host network of that "
+        "name (GET /networks). Giving `vlan` alone means bridge; giving nothing means the "
+        "host's network `default` where it has one, else user"))
     vlan: int | None = Field(default=None, ge=VLAN_MIN, le=VLAN_MAX, description=(
-        f"VLAN id ({VLAN_RULE}) of a bridge NIC; NICs on the same VLAN share one L2 segment"))
+        f"VLAN id ({VLAN_RULE}): on `bridge` and on a bridged network the NIC's VLAN "
+        "(untagged to the guest); NICs on the same network and VLAN share one L2 segment"))
     model: Literal["virtio-net-pci"] = "virtio-net-pci"
     mac: str = Field(default_factory=lambda: random_mac(),
                      json_schema_extra={"pattern": MAC_PATTERN})
@@ -218,16 +228,31 @@ class NicSpec(BaseModel):
     @classmethod
     def _vlan_means_bridge(cls, v: object) -> object:
         if isinstance(v, dict) and v.get("vlan") is not None and "network" not in v:
-            return {**v, "network": "bridge"}
+            return {**v, "network": VLAN_BRIDGES}
         return v
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: str) -> str:
+        return check_name(v)
 
     @model_validator(mode="after")
     def _vlan_iff_bridge(self) -> NicSpec:
-        if self.network == "bridge" and self.vlan is None:
+        if self.network == VLAN_BRIDGES and self.vlan is None:
             raise cross_field(f"a bridge NIC needs a vlan ({VLAN_RULE})")
-        if self.network == "user" and self.vlan is not None:
+        if self.network == USER_NETWORK and self.vlan is not None:
             raise cross_field("a user-mode NIC has no VLAN (use network: bridge)")
         return self
+
+    @property
+    def managed(self) -> bool:
+        """On one of the host's managed networks (not user-mode, not `bridge`)."""
+        return self.network not in RESERVED_NETWORKS
+
+    @property
+    def tapped(self) -> bool:
+        """Has a tap on the host (every NIC but a user-mode one)."""
+        return self.network != USER_NETWORK
 
     @field_validator("mac")
     @classmethod

@@ -71,6 +71,9 @@ class HostPolicy(_Strict):
     disk_formats: list[str] = [f.value for f in DiskFormat]  # QEMU's names ("vhd" parses)
     # role name -> VLAN ids it may attach NICs to; a role not listed may use none.
     vlans: dict[str, list[int]] = {}
+    # role name -> managed networks (hvagent.services.networks) it may attach NICs to; a
+    # role not listed may use none. Absent: every role may use every network.
+    networks: dict[str, list[str]] | None = None
     nested_virtualization: bool = True
     roles: dict[str, RoleDef] = {}
     acl: list[AclEntry] = []
@@ -233,6 +236,7 @@ class Admission:
                     f"policy disk_formats={','.join(self.policy.disk_formats)}: "
                     f"disks[{i}] is {fmt}")
         self._check_vlans(spec, previous)
+        self._check_networks(spec, previous)
         if self._usage is None:
             return
         name = spec.name
@@ -263,6 +267,28 @@ class Admission:
         if not vlans:
             return
         self.check_vlans(vlans, f"/vms/{spec.name}")
+
+    def _check_networks(self, spec: Any, previous: Any = None) -> None:
+        # As for VLANs: only the NICs the change adds to a managed network.
+        rule = self.policy.networks
+        who = current_principal.get()
+        if rule is None or who is None or who.is_root:
+            return
+        before = {(n.mac, n.network) for n in previous.nics} if previous is not None else set()
+        wanted = [n.network for n in spec.nics
+                  if getattr(n, "managed", False) and (n.mac, n.network) not in before]
+        if not wanted:
+            return
+        roles = [r.name for r in self._acl().roles_on(who.name, f"/vms/{spec.name}")]
+        if ADMINISTRATOR in roles:
+            return
+        allowed = {w for r in roles for w in rule.get(r, [])}
+        for w in wanted:
+            if w not in allowed:
+                shown = ";".join(f"networks.{r}={','.join(rule.get(r, [])) or 'none'}"
+                                 for r in roles) or "networks"
+                raise PolicyDenied(f"policy {shown}: network {w} is not allowed for "
+                                   f"{who.name} (roles: {', '.join(roles) or 'none'})")
 
     def check_vlans(self, vlans: Iterable[int], path: str) -> None:
         who = current_principal.get()

@@ -24,7 +24,8 @@ class Privilege(StrEnum):
     VM_AUDIT = "VM.Audit"
     DISK_READ = "Disk.Read"
     DISK_WRITE = "Disk.Write"
-    NETWORK_ALLOCATE = "Network.Allocate"
+    NETWORK_ALLOCATE = "Network.Allocate"  # create or remove a managed network
+    NETWORK_AUDIT = "Network.Audit"  # see the managed networks
     SYS_AUDIT = "Sys.Audit"
     SYS_MODIFY = "Sys.Modify"
     SYS_METRICS = "Sys.Metrics"  # read the Prometheus metrics (GET /metrics)
@@ -49,16 +50,17 @@ BUILTIN_ROLES: dict[str, Role] = {r.name: r for r in (
     Role(ADMINISTRATOR, ALL_PRIVILEGES),
     # Creates VMs and manages the ones it created; nothing on other principals' VMs.
     Role("VMCreator", frozenset({P.VM_ALLOCATE, P.VM_AUDIT, *VM_CONFIG, P.VM_POWERMGMT,
-                                 P.VM_CONSOLE, P.VM_SNAPSHOT, P.VM_SNAPSHOT_ROLLBACK}),
+                                 P.VM_CONSOLE, P.VM_SNAPSHOT, P.VM_SNAPSHOT_ROLLBACK,
+                                 P.NETWORK_AUDIT}),
          owner_only=True),
     # Runs and reconfigures existing VMs; may not create or delete any (no VM.Allocate).
     # Sys.Audit: the agent's status, the audit log and every job where it holds the role
     # on / (the jobs of the VMs it may see need only VM.Audit).
     Role("VMOperator", frozenset({*VM_CONFIG, P.VM_POWERMGMT, P.VM_CONSOLE, P.VM_SNAPSHOT,
                                   P.VM_SNAPSHOT_ROLLBACK, P.VM_AUDIT, P.SYS_AUDIT,
-                                  P.SYS_METRICS})),
+                                  P.SYS_METRICS, P.NETWORK_AUDIT})),
     # Sys.Metrics: they see all of it through Sys.Audit already.
-    Role("Auditor", frozenset({P.VM_AUDIT, P.SYS_AUDIT, P.SYS_METRICS})),
+    Role("Auditor", frozenset({P.VM_AUDIT, P.SYS_AUDIT, P.SYS_METRICS, P.NETWORK_AUDIT})),
     # A Prometheus server's token: the metrics and nothing else.
     Role("MetricsReader", frozenset({P.SYS_METRICS})),
 )}

@@ -229,12 +229,12 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str],
             dev += f",bootindex={index[(BootDevice.NETWORK, i)]}"
         else:
             dev += ",romfile="  # no PXE option ROM when the NIC never boots
-        if n.network == "bridge":
-            # The agent made the tap and put it on the VLAN's bridge (hvagent.drivers.net).
+        if n.tapped:
+            # The agent made the tap and put it on its bridge (hvagent.drivers.net).
             netdev = (f"tap,id={netdev_id},ifname={tap_name(n.mac)},script=no,"
                       "downscript=no")
         else:
-            netdev = f"{n.network},id={netdev_id}"
+            netdev = f"user,id={netdev_id}"
         cmd += ["-netdev", netdev, "-device", dev]
     if spec.kernel:
         cmd += ["-kernel", spec.kernel]

@@ -313,10 +313,10 @@ class Machine:
         n = spec.nics[i]
         assert n.slot is not None
         dev, netdev = nic_ids(spec, i)
-        if n.network == "bridge":
+        if n.tapped:
             await self._monitor.command("netdev_add", tap_netdev(netdev, n.mac))
         else:
-            await self._monitor.command("netdev_add", {"type": n.network, "id": netdev})
+            await self._monitor.command("netdev_add", {"type": "user", "id": netdev})
         try:
             await self._monitor.command("device_add", {
                 "driver": n.model, "id": dev, "netdev": netdev, "mac": n.mac,

@@ -20,8 +20,11 @@ operation runs in a worker thread (`plug`, `unplug`, `vlan_of` are coroutines).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +39,12 @@ log = logging.getLogger(__name__)
 
 BRIDGE_PREFIX = "hvbr"
 TAP_PREFIX = "hv"
+# A managed network's bridge is hvn<num>; in per-VLAN-bridge mode VLAN <v> of it is the
+# bridge hvn<num>v<v>, and VLAN <v> of its uplink the 802.1q link hvn<num>u<v>. None is a
+# tap name (taps are hv + 12 hex digits: n, r, u, v are not hex).
+NETWORK_PREFIX = "hvn"
+VLAN_BRIDGE_RE = re.compile(rf"{NETWORK_PREFIX}\d+v\d+")
+UPLINK_VLAN_RE = re.compile(rf"{NETWORK_PREFIX}\d+u\d+")
 
 
 SYS_CLASS_NET = Path("/sys/class/net")
@@ -54,6 +63,11 @@ def tap_counters(tap: str) -> dict[str, int] | None:
 
 def bridge_name(vlan: int) -> str:
     return f"{BRIDGE_PREFIX}{vlan}"
+
+
+def network_bridge(num: int, vlan: int | None = None) -> str:
+    """The bridge of managed network number `num`, or of its VLAN `vlan`."""
+    return f"{NETWORK_PREFIX}{num}" + (f"v{vlan}" if vlan is not None else "")
 
 
 def tap_name(mac: str) -> str:
@@ -92,18 +106,29 @@ def _master(ipr: IPRoute, idx: int) -> str | None:
     return str(ipr.get_links(master)[0].get("ifname"))
 
 
+def _on_demand(bridge: str | None) -> bool:
+    """A bridge made with its first port and removed with its last: a VLAN's bridge of
+    `bridge` (hvbr<vlan>) or of a managed network (hvn<num>v<vlan>)."""
+    return bridge is not None and bool(
+        re.fullmatch(rf"{BRIDGE_PREFIX}\d+", bridge) or VLAN_BRIDGE_RE.fullmatch(bridge))
+
+
 def _prune(ipr: IPRoute, bridge: str | None) -> None:
-    """Remove one of our VLAN bridges once no port is left on it."""
+    """Remove an on-demand bridge once no port is left on it (its uplink VLAN link, if
+    it has one, is not a port that keeps it)."""
     from pyroute2.netlink.exceptions import NetlinkError
 
-    if bridge is None or not bridge.startswith(BRIDGE_PREFIX):
+    if not _on_demand(bridge):
         return
-    idx = _index(ipr, bridge)
+    idx = _index(ipr, str(bridge))
     if idx is None:
         return
-    if any(link.get("IFLA_MASTER") == idx for link in ipr.get_links()):
+    ports = [link for link in ipr.get_links() if link.get("IFLA_MASTER") == idx]
+    if any(not UPLINK_VLAN_RE.fullmatch(str(p.get("ifname"))) for p in ports):
         return
     try:
+        for p in ports:
+            ipr.link("del", index=p["index"])
         ipr.link("del", index=idx)
         log.info("removed bridge %s (no ports left)", bridge)
     except NetlinkError as e:
@@ -111,24 +136,44 @@ def _prune(ipr: IPRoute, bridge: str | None) -> None:
             raise
 
 
-def _plug(tap: str, vlan: int) -> None:
-    """`tap` exists, is up and is a port of VLAN `vlan`'s bridge (created if needed).
-    A tap on another VLAN's bridge moves (live, when QEMU holds it open)."""
+def _plug(tap: str, bridge: str, uplink: str | None = None, vlan: int | None = None) -> None:
+    """`tap` exists, is up and is a port of `bridge` (an on-demand bridge is created if
+    needed; with `uplink`, VLAN `vlan` of the uplink joins it). A tap on another bridge
+    moves (live, when QEMU holds it open)."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     try:
         with IPRoute() as ipr:
-            br = _ensure(ipr, bridge_name(vlan), kind="bridge")
+            if _on_demand(bridge):
+                br = _ensure(ipr, bridge, kind="bridge")
+                if uplink is not None and vlan is not None:
+                    _uplink_vlan(ipr, bridge, br, uplink, vlan)
+            else:
+                found = _index(ipr, bridge)
+                if found is None:
+                    raise OperationFailed(f"bridge {bridge} is missing (restart the agent "
+                                          "to restore its networks)")
+                br = found
             ipr.link("set", index=br, state="up")
             t = _ensure(ipr, tap, kind="tuntap", mode="tap")
             old = _master(ipr, t)
-            if old != bridge_name(vlan):
+            if old != bridge:
                 ipr.link("set", index=t, master=br)
                 _prune(ipr, old)
             ipr.link("set", index=t, state="up")
     except NetlinkError as e:
-        raise OperationFailed(f"tap {tap} on VLAN {vlan}: {e}") from e
+        raise OperationFailed(f"tap {tap} on {bridge}: {e}") from e
+
+
+def _uplink_vlan(ipr: IPRoute, bridge: str, br: int, uplink: str, vlan: int) -> None:
+    """VLAN `vlan` of the host NIC `uplink` (an 802.1q link) is a port of `bridge`."""
+    up = _index(ipr, uplink)
+    if up is None:
+        raise OperationFailed(f"uplink {uplink}: no such interface")
+    name = re.sub(r"v(\d+)$", r"u\1", bridge)  # hvn<num>v<v> -> hvn<num>u<v>
+    idx = _ensure(ipr, name, kind="vlan", link=up, vlan_id=vlan)  # type: ignore[arg-type]
+    ipr.link("set", index=idx, master=br, state="up")
 
 
 def _unplug(tap: str) -> None:
@@ -149,6 +194,99 @@ def _unplug(tap: str) -> None:
         raise OperationFailed(f"tap {tap}: cannot remove: {e}") from e
 
 
+def _ensure_network(bridge: str, address: str | None, uplink: str | None) -> None:
+    """A managed network's bridge exists and is up, with exactly `address` (IPv4) and,
+    given `uplink`, that host NIC as a port."""
+    import ipaddress
+
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            br = _ensure(ipr, bridge, kind="bridge")
+            want = ipaddress.IPv4Interface(address) if address else None
+            for a in ipr.get_addr(index=br, family=2):
+                have = ipaddress.IPv4Interface(
+                    f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+                if have != want:
+                    ipr.addr("del", index=br, address=str(have.ip), prefixlen=a["prefixlen"])
+            if want is not None and not any(
+                    a.get("IFA_ADDRESS") == str(want.ip)
+                    for a in ipr.get_addr(index=br, family=2)):
+                ipr.addr("add", index=br, address=str(want.ip),
+                         prefixlen=want.network.prefixlen)
+            ipr.link("set", index=br, state="up")
+            if uplink is not None:
+                up = _index(ipr, uplink)
+                if up is None:
+                    raise OperationFailed(f"uplink {uplink}: no such interface")
+                if _master(ipr, up) != bridge:
+                    ipr.link("set", index=up, master=br)
+                ipr.link("set", index=up, state="up")
+    except NetlinkError as e:
+        raise OperationFailed(f"bridge {bridge}: {e}") from e
+
+
+def _remove_network(bridge: str) -> None:
+    """Remove a managed network's bridge, its VLANs' bridges and their uplink VLAN links
+    (the uplink itself is released, not removed). Taps on them go with their VMs."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name = str(link.get("ifname"))
+                if name == bridge or (name.startswith(bridge) and re.fullmatch(
+                        rf"{re.escape(bridge)}[uv]\d+", name)):
+                    if name != bridge and not _on_demand(name) and \
+                            not UPLINK_VLAN_RE.fullmatch(name):
+                        continue
+                    try:
+                        ipr.link("del", index=link["index"])
+                    except NetlinkError as e:
+                        if e.code != errno.ENODEV:
+                            raise
+            log.info("removed network bridge %s", bridge)
+    except NetlinkError as e:
+        raise OperationFailed(f"bridge {bridge}: cannot remove: {e}") from e
+
+
+def _links() -> dict[str, str | None]:
+    """The agent's links (names starting with hv) and the bridge each is a port of."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        names = {link["index"]: str(link.get("ifname")) for link in ipr.get_links()}
+        return {names[i]: names.get(link.get("IFLA_MASTER") or -1)
+                for link in ipr.get_links()
+                if (i := link["index"]) and names[i].startswith(TAP_PREFIX)}
+
+
+def _vlan_filtering() -> str | None:
+    """None when this kernel's bridges can filter VLANs (VLAN-aware mode), else why not:
+    tried on a probe bridge that is removed again."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    probe = f"hvprobe{os.getpid() % 100000}"
+    with IPRoute() as ipr:
+        try:
+            ipr.link("add", ifname=probe, kind="bridge")
+        except NetlinkError as e:
+            return f"cannot make a bridge: {e}"
+        try:
+            idx = _index(ipr, probe)
+            ipr.link("set", index=idx, kind="bridge", br_vlan_filtering=1)
+            return None
+        except NetlinkError as e:
+            return f"the kernel's bridges do not filter VLANs ({os.strerror(e.code)})"
+        finally:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", ifname=probe)
+
+
 def _vlan_of(tap: str) -> int | None:
     """The VLAN whose bridge `tap` is a port of (None: no such tap, or not on one)."""
     from pyroute2 import IPRoute
@@ -164,7 +302,29 @@ def _vlan_of(tap: str) -> int | None:
 async def plug(tap: str, vlan: int) -> None:
     """`tap` exists, is up and is a port of VLAN `vlan`'s bridge (created if needed).
     A tap on another VLAN's bridge moves (live, when QEMU holds it open)."""
-    await asyncio.to_thread(_plug, tap, vlan)
+    await asyncio.to_thread(_plug, tap, bridge_name(vlan))
+
+
+async def plug_on(tap: str, bridge: str, uplink: str | None = None,
+                  vlan: int | None = None) -> None:
+    """`tap` on a managed network's `bridge` (see _plug)."""
+    await asyncio.to_thread(_plug, tap, bridge, uplink, vlan)
+
+
+async def ensure_network(bridge: str, address: str | None, uplink: str | None) -> None:
+    await asyncio.to_thread(_ensure_network, bridge, address, uplink)
+
+
+async def remove_network(bridge: str) -> None:
+    await asyncio.to_thread(_remove_network, bridge)
+
+
+async def links() -> dict[str, str | None]:
+    return await asyncio.to_thread(_links)
+
+
+async def vlan_filtering() -> str | None:
+    return await asyncio.to_thread(_vlan_filtering)
 
 
 async def unplug(tap: str) -> None:

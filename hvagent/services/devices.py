@@ -276,6 +276,7 @@ class DeviceService:
 
     async def add_nic(self, name: str, nic: NicSpec) -> Change:
         m = await self._machine_if_active(name)
+        nic = self.vms.networks.resolve_nic(nic, "nic")
         with self.vms.locks.hold(name, "add-nic"):
             spec = self._spec(name)
             slot = free_port(spec)
@@ -307,7 +308,7 @@ class DeviceService:
                 raise NotFound(f"{name}: no NIC with MAC {mac}")
             i = matches[0]
             nic = spec.nics[i]
-            if nic.network != "bridge":
+            if nic.network == "user" or self.vms.networks.addressed(nic.network):
                 raise Conflict(f"{name}: NIC {mac} uses {nic.network} networking, which has "
                                "no VLAN (remove it and add a bridge NIC)")
             if nic.vlan == vlan:

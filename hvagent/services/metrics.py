@@ -129,7 +129,7 @@ class AgentMetrics:
             if s.state in ACTIVE_STATES:
                 s.cpu_seconds = process_cpu_seconds(row.pid)
                 for n in spec.nics:
-                    if n.network == "bridge":
+                    if n.tapped:
                         tap = tap_name(n.mac)
                         counters = net.tap_counters(tap)
                         if counters is not None:

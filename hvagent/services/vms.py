@@ -128,7 +128,7 @@ class VMService:
         self.admission = Admission()
         # The VM's disk images and the host side of its NICs.
         self.disks = DiskService(self)
-        self.networks = NetworkService()
+        self.networks = NetworkService(config, store)
         # Extensions (hvagent.services.devices, hvagent.services.checkpoints): QMP events with their
         # data (vm, event, data), and recovery work run once the VMs are reattached.
         self.event_listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
@@ -145,6 +145,10 @@ class VMService:
             log.info("marked %d interrupted jobs failed", failed)
         # All at once: a VM whose monitor does not answer costs one QMP deadline, not N.
         await asyncio.gather(*(self._observe_quietly(r.name) for r in self.store.list_vms()))
+        # The networks, and the taps of the VMs that run, as the store says.
+        await self.networks.startup([VMSpec.model_validate_json(r.spec)
+                                     for r in self.store.list_vms()
+                                     if r.state in ACTIVE_STATES])
         for hook in self.startup_hooks:
             await hook()
 
@@ -158,6 +162,7 @@ class VMService:
             await asyncio.wait({self._accel_task}, timeout=PROBE_STOP_WAIT)
         for t in list(self._background):
             t.cancel()
+        await self.networks.shutdown()
         await self.machines.detach_all()
 
     def begin_accel_probe(self) -> None:
@@ -230,6 +235,7 @@ class VMService:
         with self.locks.hold(spec.name, Operation.CREATE):
             if self.store.get_vm(spec.name) is not None:
                 raise Conflict(f"{spec.name}: a VM with this name already exists")
+            spec = self.networks.resolve_nics(spec)
             self.admission.admit(spec)  # before anything is made
             check_host_limits(spec, self.files(spec.name).qmp)
             created: list[Path] = []

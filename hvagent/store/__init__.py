@@ -9,7 +9,7 @@ How the package is laid out (follow it when a table moves in or is added):
   that takes the Store and runs its statements through `store.query`, `store.execute` and
   `store.transaction`: store/jobs.py (`JobTable`), store/access.py (`TokenTable`,
   `AclTable`, `OwnerTable`), store/audit.py (`AuditTable`), store/checkpoints.py
-  (`CheckpointTable`). The Store hangs one instance
+  (`CheckpointTable`), store/networks.py (`NetworkTable`). The Store hangs one instance
   of each off itself, named after the table (`store.jobs.get(job_id)`,
   `store.tokens.add(...)`): a new area is a new module and one line in `Store.__init__`.
 - Table classes take and return plain typed values and frozen row dataclasses defined
@@ -41,6 +41,7 @@ from hvagent.store.access import AclTable, OwnerTable, TokenTable
 from hvagent.store.audit import AuditTable
 from hvagent.store.checkpoints import CheckpointTable
 from hvagent.store.jobs import JobTable
+from hvagent.store.networks import NetworkTable
 
 MIGRATIONS: list[str] = [
     # 1: VMs
@@ -128,6 +129,16 @@ MIGRATIONS: list[str] = [
         checkpoint TEXT NOT NULL
     );
     """,
+    # 5: managed networks (hvagent.store.networks)
+    """
+    CREATE TABLE networks (
+        name       TEXT PRIMARY KEY,
+        num        INTEGER NOT NULL UNIQUE,
+        spec       TEXT NOT NULL,
+        declared   INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -201,6 +212,7 @@ class Store:
         self.owners = OwnerTable(self)
         self.audit = AuditTable(self)
         self.checkpoints = CheckpointTable(self)
+        self.networks = NetworkTable(self)
 
     def close(self) -> None:
         self.conn.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -23,6 +24,19 @@ def test_agent_config_rendered(host: Host) -> None:
     for key in ("state_dir", "storage_dir", "log_dir"):
         d = host.file(cfg[key])
         assert d.is_directory and d.group == "hvagent"
+
+
+def test_the_default_nat_network_is_up(host: Host) -> None:
+    """The image's `default` network (a drop-in of the agent's configuration): its
+    bridge has the host's address, its dnsmasq runs, its guests are masqueraded, and the
+    kernel's bridges can filter VLANs (the Debian kernel has it)."""
+    net = json.loads(host.check_output("hvctl --json net show default"))
+    assert (net["kind"], net["address"], net["declared"]) == ("nat", "192.168.122.1/24", True)
+    assert net["dhcp_server"] == "running" and net["error"] is None, net
+    assert net["vlan_filtering"] == "available", net
+    assert "192.168.122.1" in host.interface(net["bridge"]).addresses
+    rules = host.check_output("nft list table ip hvagent")
+    assert "masquerade" in rules and net["bridge"] in rules, rules
 
 
 def test_agent_commands_on_path(host: Host) -> None:

@@ -3,6 +3,7 @@ network and ssh from systemd."""
 
 from __future__ import annotations
 
+import json
 from fnmatch import fnmatch
 
 import pytest
@@ -63,8 +64,10 @@ def test_docs_and_man_pages_kept_out(host: Host) -> None:
     ) == "0"
 
 
-# What may listen beyond loopback: sshd, the DHCP client, and the agent's HTTPS port when
-# the profile gives it one. Nothing else answers on the network (no LLMNR, mDNS, iSCSI).
+# What may listen beyond loopback: sshd, the DHCP client, the agent's HTTPS port when
+# the profile gives it one, and the DNS and DHCP servers (dnsmasq) of the agent's nat and
+# isolated networks, on those networks' bridges only. Nothing else answers on the
+# network (no LLMNR, mDNS, iSCSI).
 NETWORK_LISTENERS = {("tcp", 22): "sshd", ("udp", 68): "systemd-network"}
 
 
@@ -91,8 +94,18 @@ def test_nothing_listens_on_the_network_but_ssh_the_dhcp_client_and_the_agent(
     outside = [(proto, addr, port, name) for proto, addr, port, name in _listeners(host)
                if not addr.startswith(loopback)]
     assert ("tcp", 22) in {(p, port) for p, _a, port, _n in outside}  # the check sees sshd
-    unexpected = [s for s in outside if allowed.get((s[0], s[2])) != s[3][:15]]
-    assert unexpected == []
+    networks = json.loads(host.check_output("hvctl --json net list"))
+    served = {n["address"].split("/")[0] for n in networks if n["dhcp_server"] == "running"}
+    # dnsmasq's DHCP socket is the wildcard one (it answers on its bridge only).
+    dnsmasq = {(p, a, 53) for a in served for p in ("tcp", "udp")} | (
+        {("udp", "0.0.0.0", 67)} if served else set())
+
+    def expected(s: tuple[str, str, int, str]) -> bool:
+        if s[3] == "dnsmasq":
+            return (s[0], s[1], s[2]) in dnsmasq
+        return allowed.get((s[0], s[2])) == s[3][:15]
+
+    assert [s for s in outside if not expected(s)] == []
 
 
 @pytest.mark.smoke

@@ -32,7 +32,8 @@ class SecureAgent:
     # A command the agent runs under (e.g. `ip netns exec NS`); empty: run it directly.
     wrapper: tuple[str, ...] = ()
 
-    def __init__(self, root: Path, policy: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: Path, policy: dict[str, Any] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.root = root
         self.config = root / "hvagent.yaml"
         self.socket = root / "hv.sock"
@@ -47,7 +48,7 @@ class SecureAgent:
             "listen": str(self.socket), "state_dir": str(self.state),
             "storage_dir": str(root / "images"), "run_dir": str(root / "run"),
             "log_dir": str(root / "log"), "accel": "tcg", "policy": str(self.policy),
-            "tls": {"listen": f"127.0.0.1:{self.port}"},
+            "tls": {"listen": f"127.0.0.1:{self.port}"}, **(config or {}),
         }))
         self.proc: subprocess.Popen[bytes] | None = None
         # root over the unix socket: no token (SO_PEERCRED says uid 0)
@@ -60,13 +61,14 @@ class SecureAgent:
 
     def start(self) -> None:
         out = (self.root / "agent.log").open("ab")
+        since = out.tell()  # a restart: only this run's lines count
         self.proc = subprocess.Popen([*self.wrapper, *HVAGENT, "serve", "--config",
                                       str(self.config)], stdout=out, stderr=out, cwd=REPO)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"hvagent exited: {self.log}")
-            if "listening on https://" in self.log:
+            if "listening on https://" in self.log[since:]:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"hvagent did not listen in 60 s: {self.log}")

@@ -36,10 +36,11 @@ VM_CONFIG = {"VM.Config.CPU", "VM.Config.Memory", "VM.Config.Disk", "VM.Config.N
 ROLE_PRIVILEGES: dict[str, set[str]] = {
     "Administrator": {str(p) for p in Privilege},
     "VMCreator": {"VM.Allocate", "VM.Audit", *VM_CONFIG, "VM.PowerMgmt", "VM.Console",
-                  "VM.Snapshot", "VM.Snapshot.Rollback"},
+                  "VM.Snapshot", "VM.Snapshot.Rollback", "Network.Audit"},
     "VMOperator": {*VM_CONFIG, "VM.PowerMgmt", "VM.Console", "VM.Snapshot",
-                   "VM.Snapshot.Rollback", "VM.Audit", "Sys.Audit", "Sys.Metrics"},
-    "Auditor": {"VM.Audit", "Sys.Audit", "Sys.Metrics"},
+                   "VM.Snapshot.Rollback", "VM.Audit", "Sys.Audit", "Sys.Metrics",
+                   "Network.Audit"},
+    "Auditor": {"VM.Audit", "Sys.Audit", "Sys.Metrics", "Network.Audit"},
     "MetricsReader": {"Sys.Metrics"},
 }
 OWNER_ONLY = {"VMCreator"}
@@ -53,6 +54,22 @@ ROUTES = route_privileges(ROUTE_APP)
 def test_every_route_declares_a_privilege() -> None:
     assert undeclared_routes(ROUTE_APP) == []
     assert len(ROUTES) >= 10  # the route table really was read
+
+
+# Managed networks, from the networks issue: seeing them is Network.Audit (every role
+# that attaches NICs has it), making and removing them Network.Allocate.
+NETWORK_ROUTES = {
+    ("GET", "/api/v1/networks"): ("Network.Audit", "/networks"),
+    ("GET", "/api/v1/networks/{name}"): ("Network.Audit", "/networks/{name}"),
+    ("POST", "/api/v1/networks"): ("Network.Allocate", "/networks"),
+    ("DELETE", "/api/v1/networks/{name}"): ("Network.Allocate", "/networks/{name}"),
+}
+
+
+def test_network_routes_need_the_network_privileges() -> None:
+    got = {k: (str(ROUTES[k].privilege), ROUTES[k].path) for k in NETWORK_ROUTES
+           if k in ROUTES}
+    assert got == NETWORK_ROUTES
 
 
 # Offline disk access and P2V import, from the disk issue: reading a stopped VM's files

@@ -12,41 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import tinyguest
-from secure_agent import REPO, SecureAgent
+from netns_agent import NetnsAgent
+from secure_agent import REPO
 
 pytestmark = pytest.mark.integration
 
 POLICY = {"vlans": {"VMCreator": [10]}}
-
-
-class NetnsAgent(SecureAgent):
-    """A SecureAgent whose `hvagent serve` runs under `ip netns exec`. Clients use the
-    unix socket (a file, reachable from any namespace) with or without a token."""
-
-    def __init__(self, root: Path, netns: str) -> None:
-        super().__init__(root, POLICY)
-        self.netns = netns
-        self.wrapper = ("ip", "netns", "exec", netns)
-        self.tokens: dict[str, str] = {}
-
-    def uds(self, token: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
-                            base_url="http://hvagent/api/v1", headers=headers, timeout=120)
-
-    def links(self) -> dict[str, str | None]:
-        """Interface name -> its bridge (master) inside the agent's namespace."""
-        out = subprocess.run(["ip", "-n", self.netns, "-o", "link", "show"],
-                             capture_output=True, text=True, check=True, timeout=60).stdout
-        links: dict[str, str | None] = {}
-        for line in out.splitlines():
-            name = line.split(":")[1].strip().split("@")[0]
-            words = line.split()
-            links[name] = words[words.index("master") + 1] if "master" in words else None
-        return links
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +29,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsAgent]:
     try:
         # The TLS listener binds 127.0.0.1 inside the namespace.
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=60)
-        a = NetnsAgent(tmp_path_factory.mktemp("vlan"), netns)
+        a = NetnsAgent(tmp_path_factory.mktemp("vlan"), netns, POLICY)
         a.start()
         # Made after the start: grants stored while the agent runs count at once.
         a.tokens = {"carol": a.token("carol", "VMCreator")["token"],

@@ -34,7 +34,8 @@ def test_defaults_fill_limits() -> None:
     ({"disks": [{}]}, "exactly one of path"),
     ({"disks": [{"size": "1X"}]}, "not a size"),
     ({"nics": [{"mac": "zz:00:00:00:00:00"}]}, "not a MAC"),
-    ({"nics": [{"network": "br0"}]}, "'user'"),
+    ({"nics": [{"network": "user", "vlan": 10}]}, "a user-mode NIC has no VLAN"),
+    ({"nics": [{"network": "a b"}]}, "is not a valid name"),
     ({"name": "a b"}, "is not a valid name"),
 ])
 def test_bad_specs(fields: dict[str, object], message: str) -> None:

@@ -77,7 +77,9 @@ class Agent:
             raise HVError(f"cannot reach the agent at {self.where}: {e}") from e
         if r.status_code >= 400:
             raise HVError(f"{_detail(r)} (HTTP {r.status_code})")
-        return r.content if raw else r.json()
+        if raw:
+            return r.content
+        return r.json() if r.content else None  # 204 No Content
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)

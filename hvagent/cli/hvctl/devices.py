@@ -5,6 +5,7 @@ and `vm create` share."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +14,36 @@ from hvagent.cli.hvctl.output import show
 from hvagent.errors import HVError
 from hvagent.host.formats import DISK_FORMAT_LABELS
 from hvagent.spec import DEFAULT_UNPLUG_TIMEOUT as UNPLUG_TIMEOUT
-from hvagent.spec import VLAN_MAX, VLAN_MIN, VLAN_RULE
+from hvagent.spec import NAME_RE, VLAN_MAX, VLAN_MIN, VLAN_RULE
 
-NIC_METAVAR = "user|vlan=N[,mac=M]"
-NIC_HELP = "user (user-mode NAT) or vlan=N[,mac=M] (a tap on VLAN N's host bridge)"
+NIC_METAVAR = "[NETWORK][,vlan=N][,mac=M]"
+NIC_HELP = ("NETWORK: user (user-mode NAT), a host network (hvctl net list) or nothing (the "
+            "host's default network); vlan=N alone: a tap on VLAN N's host bridge")
 ANSWER_MARGIN = 60.0  # how much longer than the guest's time hvctl waits for the answer
 
 
 def parse_nic(value: str) -> dict[str, Any]:
-    """`--nic user` | `--nic vlan=N[,mac=M]` -> the NIC's JSON body."""
+    """`--nic user` | `--nic NETWORK[,vlan=N][,mac=M]` | `--nic vlan=N[,mac=M]` -> the
+    NIC's JSON body (no network: the agent's default)."""
     head, *rest = value.split(",")
     nic: dict[str, Any] = {}
-    for part in ([] if head == "user" else [head]) + rest:
+    if head and "=" not in head:
+        if not re.fullmatch(NAME_RE, head):
+            raise argparse.ArgumentTypeError(f"{value!r}: {head!r} is not a network name")
+        nic["network"] = head
+    else:
+        rest = [head, *rest]
+    for part in rest:
         key, sep, val = part.partition("=")
         if not sep or key not in ("vlan", "mac") or not val:
-            raise argparse.ArgumentTypeError(f"{value!r}: expected {NIC_HELP}")
+            raise argparse.ArgumentTypeError(f"{value!r}: expected {NIC_METAVAR}: {NIC_HELP}")
         if key == "vlan":
             if not val.isdigit() or not VLAN_MIN <= int(val) <= VLAN_MAX:
                 raise argparse.ArgumentTypeError(f"{value!r}: vlan must be {VLAN_RULE}")
             nic["vlan"] = int(val)
         else:
             nic["mac"] = val
-    return nic if "vlan" in nic else {"network": "user", **nic}
+    return nic
 
 
 def add_parsers(vm: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,7 +75,7 @@ def add_parsers(vm: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     dd.set_defaults(func=detach_disk)
     n = vm.add_parser("add-nic", help="hot-add a NIC")
     n.add_argument("name")
-    n.add_argument("--network", choices=["user"], default="user")
+    n.add_argument("--network", help="user or a host network (default: the host's)")
     n.add_argument("--mac")
     n.add_argument("--nic", type=parse_nic, metavar=NIC_METAVAR, help=NIC_HELP)
     n.set_defaults(func=add_nic)
@@ -121,7 +130,7 @@ def detach_disk(args: argparse.Namespace, agent: Agent) -> None:
 
 
 def add_nic(args: argparse.Namespace, agent: Agent) -> None:
-    nic = args.nic or {"network": args.network}
+    nic = args.nic or ({"network": args.network} if args.network else {})
     nic = {**nic, **({"mac": args.mac} if args.mac else {})}
     _done(args, agent.post(f"/vms/{args.name}/nics", body=nic))
 

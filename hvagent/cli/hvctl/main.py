@@ -11,7 +11,17 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from hvagent.cli.hvctl import audit, checkpoints, devices, disks, fleet, host, hosts, vms
+from hvagent.cli.hvctl import (
+    audit,
+    checkpoints,
+    devices,
+    disks,
+    fleet,
+    host,
+    hosts,
+    networks,
+    vms,
+)
 from hvagent.cli.hvctl.client import Agent
 from hvagent.errors import HVError, InvalidRequest
 
@@ -44,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     checkpoints.add_parsers(top)
     disks.add_disk_parsers(top)
     host.add_parsers(top)
+    networks.add_parsers(top)
     return p
 
 

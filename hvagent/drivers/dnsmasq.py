@@ -29,6 +29,7 @@ from hvagent.netspec import NetworkKind, NetworkSpec
 log = logging.getLogger(__name__)
 
 DNSMASQ = "dnsmasq"
+USER, GROUP = "nobody", "nogroup"
 START_TIMEOUT = 15.0
 STOP_WAIT = 5.0
 
@@ -52,7 +53,9 @@ def argv(spec: NetworkSpec, bridge: str, f: ServerFiles) -> list[str]:
             f"--log-facility={f.log}", "--bind-interfaces", f"--interface={bridge}",
             "--except-interface=lo", f"--listen-address={iface.ip}", "--strict-order",
             "--no-hosts", f"--host-record={socket.gethostname()},{iface.ip}",
-            "--user=root", "--group=root"]
+            # It reads what guests send: it drops root once its sockets and files are
+            # open, keeping only the network capabilities it needs.
+            f"--user={USER}", f"--group={GROUP}"]
     if spec.kind == NetworkKind.ISOLATED:
         args.append("--no-resolv")
     if spec.dhcp:

@@ -14,6 +14,27 @@ Serial protocol (one line each, stable for tests to parse):
                                        `tiny_panic_after=N` on the kernel command line
   `TINY-PING peer=IP ok|fail`          per peer and round with `tiny_ip=ADDR/PREFIX
                                        tiny_ping=IP,...` (eth0's address; peers to ping)
+  `TINY-DHCP ip=A.B.C.D/PREFIX router=R dns=D`
+  `TINY-DHCP fail`                     once, with `tiny_dhcp`: busybox udhcpc on eth0
+                                       (retries for ~60 s) got a lease / gave up; R and D
+                                       are the first router / DNS server, empty if the
+                                       lease has none (`router= dns=`). The DNS servers
+                                       go to /etc/resolv.conf; udhcpc keeps renewing
+  `TINY-RESOLVE name=NAME ip=IP|fail`  per name and round with `tiny_resolve=NAME,...`
+                                       (busybox nslookup, A record, against the DHCP
+                                       DNS server, else /etc/resolv.conf)
+  `TINY-TCP peer=IP:PORT ok DATA|fail` per peer and round with `tiny_tcp=IP:PORT,...`:
+                                       busybox nc connects (3 s timeout, 5 s in all),
+                                       DATA is the first line the server sent, trimmed
+                                       (inner spaces kept); nothing received counts as
+                                       fail; a server that keeps the connection open
+                                       costs the round the full 5 s
+More network switches: `tiny_vlans=VID:ADDR/PREFIX,...` adds 802.1Q interfaces eth0.VID
+with those addresses (module 8021q), `tiny_forward` sets net.ipv4.ip_forward=1 (a router
+guest), `tiny_route=DEST/PREFIX:GW,...` adds static routes. Order: modules, vlans,
+`tiny_ip` or `tiny_dhcp`, routes, then rounds (~0.5 s apart) of pings, resolves and TCP
+checks. With `tiny_dhcp` all that runs in the background, so the state lines start
+right after `TINY-BOOT ok`; without it the addresses and routes are set before.
 With `tiny_disk_log` on the kernel command line, each state line is also written to the
 first disk (/dev/vda, no file system) as 512-byte block number `counter`, synced: what the
 disk holds shows how far the guest got (a disk revert drops the later blocks).
@@ -22,7 +43,8 @@ Init onlines hot-added CPUs and memory blocks, and powers off on the ACPI power 
 `pvpanic_mmio` drives QEMU's pvpanic device, so that a panic reaches the host.
 
 Use `append()` as the kernel command line. For memory hotplug pass
-`append(memory_hotplug=True)` (adds memhp_default_state=online_movable).
+`append(memory_hotplug=True)` (adds memhp_default_state=online_movable); the network
+switches above are `append(ip=, ping=, dhcp=, resolve=, tcp=, vlans=, forward=, routes=)`.
 """
 
 from __future__ import annotations
@@ -35,6 +57,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +76,19 @@ def library(guest_dir: Path | None = None) -> list[str]:
     return [str(KERNEL_CACHE), *([str(d)] if d is not None else [])]
 BUSYBOX = Path("/bin/busybox")
 # Modules the guest needs, dependencies are resolved from the modules themselves.
+# A module the kernel lacks is skipped (and insmod errors are ignored at boot).
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev",
-                  "pvpanic_mmio")
+                  "pvpanic_mmio", "8021q")
 BOOT_MARKER = "TINY-BOOT ok"
 POWEROFF_MARKER = "TINY-POWEROFF"
 PANIC_MARKER = "TINY-PANIC"
 PING_RE = re.compile(r"TINY-PING peer=(?P<peer>[0-9.]+) (?P<result>ok|fail)")
+DHCP_RE = re.compile(
+    r"TINY-DHCP (?:ip=(?P<ip>[0-9./]+) router=(?P<router>[0-9.]*) dns=(?P<dns>[0-9.]*)"
+    r"|(?P<fail>fail))"
+)
+RESOLVE_RE = re.compile(r"TINY-RESOLVE name=(?P<name>\S+) (?:ip=(?P<ip>[0-9.]+)|fail)")
+TCP_RE = re.compile(r"TINY-TCP peer=(?P<peer>[0-9.]+:\d+) (?:ok (?P<data>[^\r\n]*)|fail)")
 STATE_RE = re.compile(
     r"TINY cpus=(?P<cpus>\d+) memkb=(?P<memkb>\d+) disks=(?P<disks>\S*) "
     r"nics=(?P<nics>\S*) counter=(?P<counter>\d+)"
@@ -98,25 +128,97 @@ else
 fi
 echo "TINY-BOOT ok"
 
-# tiny_ip=ADDR/PREFIX puts an address on eth0; tiny_ping=IP[,IP...] then pings each peer
-# once per round, for ever, and reports `TINY-PING peer=IP ok|fail`.
-tiny_ip=$(sed -n 's/.*tiny_ip=\([0-9./]*\).*/\1/p' /proc/cmdline)
-tiny_ping=$(sed -n 's/.*tiny_ping=\([0-9.,]*\).*/\1/p' /proc/cmdline)
-if [ -n "$tiny_ip" ]; then
+# Networking, see the module docstring: vlans, tiny_ip or tiny_dhcp, routes, then rounds
+# of pings (tiny_ping=IP,...), lookups (tiny_resolve=NAME,...) and TCP checks
+# (tiny_tcp=IP:PORT,...).
+cmdline=" $(cat /proc/cmdline) "
+arg() { echo "$cmdline" | sed -n "s/.* $1=\([$2]*\) .*/\1/p"; }
+flag() { case "$cmdline" in *" $1 "*) return 0 ;; esac; return 1; }
+tiny_ip=$(arg tiny_ip 0-9./)
+tiny_ping=$(arg tiny_ping 0-9.,)
+tiny_vlans=$(arg tiny_vlans 0-9.:/,)
+tiny_route=$(arg tiny_route 0-9.:/,)
+tiny_resolve=$(arg tiny_resolve A-Za-z0-9._,-)
+tiny_tcp=$(arg tiny_tcp 0-9.:,)
+tiny_dhcp=""; flag tiny_dhcp && tiny_dhcp=1
+flag tiny_forward && echo 1 > /proc/sys/net/ipv4/ip_forward
+dns=""
+
+wait_eth0() {
   for i in $(seq 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
-  ip addr add "$tiny_ip" dev eth0
+}
+net_vlans() {
+  [ -n "$tiny_vlans" ] || return 0
+  wait_eth0
   ip link set eth0 up
-fi
-if [ -n "$tiny_ping" ]; then
-  (
-    while true; do
-      for peer in $(echo "$tiny_ping" | tr ',' ' '); do
-        if ping -c 1 -W 1 "$peer" >/dev/null 2>&1; then r=ok; else r=fail; fi
-        echo "TINY-PING peer=$peer $r"
-      done
-      sleep 0.5
-    done
-  ) &
+  for v in $(echo "$tiny_vlans" | tr ',' ' '); do
+    vid=${v%%:*}
+    ip link add link eth0 name "eth0.$vid" type vlan id "$vid" 2>/dev/null \
+      || vconfig add eth0 "$vid" >/dev/null 2>&1 \
+      || echo "TINY-WARNING no vlan eth0.$vid"
+    ip addr add "${v#*:}" dev "eth0.$vid"
+    ip link set "eth0.$vid" up
+  done
+}
+net_dhcp() {
+  wait_eth0
+  ip link set eth0 up
+  rm -f /tmp/dhcp.env
+  # 20 discovers 3 s apart (~60 s), then give up (-n); once bound udhcpc goes to the
+  # background and renews.
+  udhcpc -i eth0 -s /etc/udhcpc.script -t 20 -T 3 -n >/tmp/udhcpc.log 2>&1
+  if [ -s /tmp/dhcp.env ]; then
+    . /tmp/dhcp.env
+    dns=$dhcp_dns
+    echo "TINY-DHCP ip=$dhcp_ip router=$dhcp_router dns=$dhcp_dns"
+  else
+    echo "TINY-DHCP fail"
+  fi
+}
+net_setup() {
+  net_vlans
+  if [ -n "$tiny_ip" ]; then
+    wait_eth0
+    ip addr add "$tiny_ip" dev eth0
+    ip link set eth0 up
+  elif [ -n "$tiny_dhcp" ]; then
+    net_dhcp
+  fi
+  for r in $(echo "$tiny_route" | tr ',' ' '); do
+    ip route add "${r%%:*}" via "${r#*:}"
+  done
+}
+net_round() {
+  for peer in $(echo "$tiny_ping" | tr ',' ' '); do
+    if ping -c 1 -W 1 "$peer" >/dev/null 2>&1; then r=ok; else r=fail; fi
+    echo "TINY-PING peer=$peer $r"
+  done
+  for name in $(echo "$tiny_resolve" | tr ',' ' '); do
+    # nslookup exits 1 when any of its A/AAAA queries fails: go by the answer section.
+    a=$(timeout 5 nslookup "$name" $dns 2>/dev/null \
+        | sed -n '/^Name:/,$ s/^Address: *\([0-9][0-9.]*\)$/\1/p' | head -n 1)
+    if [ -n "$a" ]; then echo "TINY-RESOLVE name=$name ip=$a"
+    else echo "TINY-RESOLVE name=$name fail"; fi
+  done
+  for peer in $(echo "$tiny_tcp" | tr ',' ' '); do
+    d=$(timeout 5 nc -w 3 "${peer%:*}" "${peer##*:}" </dev/null 2>/dev/null | head -n 1 \
+        | tr -d '\r' | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')
+    if [ -n "$d" ]; then echo "TINY-TCP peer=$peer ok $d"
+    else echo "TINY-TCP peer=$peer fail"; fi
+  done
+}
+net_rounds() {
+  [ -n "$tiny_ping$tiny_resolve$tiny_tcp" ] || return 0
+  while true; do
+    net_round
+    sleep 0.5
+  done
+}
+if [ -n "$tiny_dhcp" ] && [ -z "$tiny_ip" ]; then
+  (net_setup; net_rounds) &
+else
+  net_setup
+  net_rounds &
 fi
 
 disklog=""
@@ -155,6 +257,41 @@ while true; do
 done
 """
 
+# busybox udhcpc runs this on its events (-s): apply the lease to eth0 and leave it in
+# /tmp/dhcp.env for init to report.
+UDHCPC_SCRIPT = r"""#!/bin/sh
+case "$1" in
+  deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+  bound|renew)
+    prefix=$mask
+    [ -n "$prefix" ] || prefix=$(ipcalc -p "$ip" "$subnet" | sed 's/^PREFIX=//')
+    [ -n "$prefix" ] || prefix=32
+    if [ "$1" = bound ] || ! ip -4 addr show dev "$interface" | grep -q " $ip/"; then
+      ip -4 addr flush dev "$interface"
+      ip addr add "$ip/$prefix" dev "$interface"
+    fi
+    if [ -n "$router" ]; then
+      while ip route del default dev "$interface" 2>/dev/null; do :; done
+      for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+    fi
+    : > /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    set -- $router; first_router=$1
+    set -- $dns; first_dns=$1
+    {
+      echo "dhcp_ip=$ip/$prefix"
+      echo "dhcp_router=$first_router"
+      echo "dhcp_dns=$first_dns"
+    } > /tmp/dhcp.env.new
+    mv /tmp/dhcp.env.new /tmp/dhcp.env
+    ;;
+esac
+exit 0
+"""
+
 
 @dataclass(frozen=True)
 class TinyGuest:
@@ -163,12 +300,31 @@ class TinyGuest:
 
     @staticmethod
     def append(memory_hotplug: bool = False, ip: str | None = None,
-               ping: tuple[str, ...] = ()) -> str:
+               ping: Sequence[str] = (), *, dhcp: bool = False,
+               resolve: Sequence[str] = (), tcp: Sequence[str] = (),
+               vlans: Mapping[int, str] | None = None, forward: bool = False,
+               routes: Mapping[str, str] | None = None) -> str:
+        """The kernel command line. `ip` ("ADDR/PREFIX") or `dhcp` configure eth0;
+        `ping` (IPs), `resolve` (names) and `tcp` ("IP:PORT") are checked every round;
+        `vlans` maps a VLAN id to the "ADDR/PREFIX" of eth0.VID; `forward` makes the
+        guest route; `routes` maps "DEST/PREFIX" to the gateway IP."""
         args = "console=ttyS0 quiet loglevel=1"
         if ip:
             args += f" tiny_ip={ip}"
         if ping:
             args += f" tiny_ping={','.join(ping)}"
+        if dhcp:
+            args += " tiny_dhcp"
+        if resolve:
+            args += f" tiny_resolve={','.join(resolve)}"
+        if tcp:
+            args += f" tiny_tcp={','.join(tcp)}"
+        if vlans:
+            args += " tiny_vlans=" + ",".join(f"{int(v)}:{a}" for v, a in vlans.items())
+        if forward:
+            args += " tiny_forward"
+        if routes:
+            args += " tiny_route=" + ",".join(f"{d}:{g}" for d, g in routes.items())
         return args + (" memhp_default_state=online_movable" if memory_hotplug else "")
 
 
@@ -247,7 +403,7 @@ def build(dest: Path, cache: Path = KERNEL_CACHE) -> TinyGuest:
     dest.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="tinyguest-root-", dir=dest))
     try:
-        for d in ("bin", "proc", "sys", "dev", "modules"):
+        for d in ("bin", "proc", "sys", "dev", "modules", "etc", "tmp"):
             (root / d).mkdir()
         shutil.copy2(BUSYBOX, root / "bin" / "busybox")
         names = []
@@ -260,6 +416,9 @@ def build(dest: Path, cache: Path = KERNEL_CACHE) -> TinyGuest:
         init = root / "init"
         init.write_text(INIT)
         init.chmod(0o755)
+        script = root / "etc" / "udhcpc.script"
+        script.write_text(UDHCPC_SCRIPT)
+        script.chmod(0o755)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         cpio = subprocess.run(
             ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input="\n".join(files).encode(),
@@ -282,3 +441,28 @@ def parse_pings(serial_log: str) -> list[tuple[str, bool]]:
 def parse_states(serial_log: str) -> list[dict[str, str]]:
     """All `TINY ...` state lines of a serial log, oldest first."""
     return [m.groupdict() for m in STATE_RE.finditer(serial_log)]
+
+
+def parse_dhcp(serial_log: str) -> dict[str, str | bool | None] | None:
+    """The last `TINY-DHCP` line of a serial log: {"ok": True, "ip": "A.B.C.D/PREFIX",
+    "router": IP or None, "dns": IP or None}, {"ok": False} when DHCP failed, None when
+    there is no such line (yet)."""
+    matches = list(DHCP_RE.finditer(serial_log))
+    if not matches:
+        return None
+    m = matches[-1]
+    if m["fail"]:
+        return {"ok": False}
+    return {"ok": True, "ip": m["ip"], "router": m["router"] or None, "dns": m["dns"] or None}
+
+
+def parse_resolves(serial_log: str) -> list[tuple[str, str | None]]:
+    """All `TINY-RESOLVE` results of a serial log, oldest first: (name, IP or None)."""
+    return [(m["name"], m["ip"]) for m in RESOLVE_RE.finditer(serial_log)]
+
+
+def parse_tcp(serial_log: str) -> list[tuple[str, str | None]]:
+    """All `TINY-TCP` results of a serial log, oldest first: ("IP:PORT", the first line
+    the server sent, or None when the connection failed)."""
+    return [(m["peer"], None if m["data"] is None else m["data"].strip())
+            for m in TCP_RE.finditer(serial_log)]

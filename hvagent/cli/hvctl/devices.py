@@ -1,4 +1,4 @@
-"""`hvctl vm set-memory|add-cpu|remove-cpu|attach-disk|detach-disk|add-nic|remove-nic`:
+"""`hvctl vm set-memory|add-cpu|remove-cpu|attach-disk|detach-disk|add-nic|set-nic-vlan|remove-nic`:
 resources of a running VM, added and removed live; and `--nic`, the NIC syntax these
 and `vm create` share."""
 
@@ -79,6 +79,11 @@ def add_parsers(vm: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     n.add_argument("--mac")
     n.add_argument("--nic", type=parse_nic, metavar=NIC_METAVAR, help=NIC_HELP)
     n.set_defaults(func=add_nic)
+    sv = vm.add_parser("set-nic-vlan", help="move a NIC to another VLAN (live when it runs)")
+    sv.add_argument("name")
+    sv.add_argument("mac")
+    sv.add_argument("vlan", type=_vlan, metavar="VLAN", help=f"VLAN id ({VLAN_RULE})")
+    sv.set_defaults(func=set_nic_vlan)
     rn = vm.add_parser("remove-nic", help="hot-remove a NIC")
     rn.add_argument("name")
     rn.add_argument("mac")
@@ -133,6 +138,16 @@ def add_nic(args: argparse.Namespace, agent: Agent) -> None:
     nic = args.nic or ({"network": args.network} if args.network else {})
     nic = {**nic, **({"mac": args.mac} if args.mac else {})}
     _done(args, agent.post(f"/vms/{args.name}/nics", body=nic))
+
+
+def _vlan(value: str) -> int:
+    if not value.isdigit() or not VLAN_MIN <= int(value) <= VLAN_MAX:
+        raise argparse.ArgumentTypeError(f"{value!r}: a VLAN id is {VLAN_RULE}")
+    return int(value)
+
+
+def set_nic_vlan(args: argparse.Namespace, agent: Agent) -> None:
+    _done(args, agent.put(f"/vms/{args.name}/nics/{args.mac}", body={"vlan": args.vlan}))
 
 
 def remove_nic(args: argparse.Namespace, agent: Agent) -> None:

@@ -217,7 +217,12 @@ class NicSpec(BaseModel):
         "host's network `default` where it has one, else user"))
     vlan: int | None = Field(default=None, ge=VLAN_MIN, le=VLAN_MAX, description=(
         f"VLAN id ({VLAN_RULE}): on `bridge` and on a bridged network the NIC's VLAN "
-        "(untagged to the guest); NICs on the same network and VLAN share one L2 segment"))
+        "(untagged to the guest); NICs on the same network and VLAN share one L2 segment; "
+        "with `trunk`, the native (untagged) VLAN"))
+    trunk: list[Annotated[int, Field(ge=VLAN_MIN, le=VLAN_MAX)]] = Field(
+        default_factory=list, max_length=64, description=(
+            "VLAN ids the NIC carries tagged (a trunk port: a router or switch guest), on "
+            "a bridged network in VLAN-aware mode"))
     model: Literal["virtio-net-pci"] = "virtio-net-pci"
     mac: str = Field(default_factory=lambda: random_mac(),
                      json_schema_extra={"pattern": MAC_PATTERN})
@@ -236,12 +241,24 @@ class NicSpec(BaseModel):
     def _network(cls, v: str) -> str:
         return check_name(v)
 
+    @field_validator("trunk")
+    @classmethod
+    def _trunk(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise cross_field("trunk names a VLAN twice")
+        return sorted(v)
+
     @model_validator(mode="after")
     def _vlan_iff_bridge(self) -> NicSpec:
         if self.network == VLAN_BRIDGES and self.vlan is None:
             raise cross_field(f"a bridge NIC needs a vlan ({VLAN_RULE})")
-        if self.network == USER_NETWORK and self.vlan is not None:
+        if self.network == USER_NETWORK and (self.vlan is not None or self.trunk):
             raise cross_field("a user-mode NIC has no VLAN (use network: bridge)")
+        if self.network == VLAN_BRIDGES and self.trunk:
+            raise cross_field("a trunk needs a bridged network (bridge NICs have one VLAN)")
+        if self.vlan is not None and self.vlan in self.trunk:
+            raise cross_field(f"vlan {self.vlan} is the native (untagged) VLAN and also in "
+                              "trunk (tagged)")
         return self
 
     @property

@@ -258,12 +258,14 @@ class Admission:
         # Only NIC attachments the change adds (a new NIC, or a NIC moved to another
         # VLAN): a VM already on a VLAN stays reconfigurable (memory, vCPUs, ...) by
         # whoever may reconfigure it.
-        def key(n: Any) -> tuple[Any, Any]:
-            return getattr(n, "mac", None), getattr(n, "vlan", None)
+        def key(n: Any) -> tuple[Any, Any, Any]:
+            return (getattr(n, "mac", None), getattr(n, "vlan", None),
+                    tuple(getattr(n, "trunk", ())))
 
         before = {key(n) for n in previous.nics} if previous is not None else set()
-        vlans = [v for n in spec.nics
-                 if (v := getattr(n, "vlan", None)) is not None and key(n) not in before]
+        vlans = [v for n in spec.nics if key(n) not in before
+                 for v in [getattr(n, "vlan", None), *getattr(n, "trunk", ())]
+                 if v is not None]
         if not vlans:
             return
         self.check_vlans(vlans, f"/vms/{spec.name}")

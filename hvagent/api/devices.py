@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hvagent.access.privileges import Privilege as P
 from hvagent.api.auth import require
@@ -23,6 +23,7 @@ from hvagent.spec import (
     VLAN_RULE,
     DiskSpec,
     NicSpec,
+    cross_field,
 )
 
 router = APIRouter(prefix="/vms", tags=["devices"])
@@ -97,15 +98,27 @@ async def add_nic(name: VMName, nic: NicSpec, svc: Devices) -> Change:
 
 
 class NicVlanRequest(BaseModel):
+    """The NIC's new VLAN, trunk list, or both (what is not given stays)."""
+
     model_config = ConfigDict(extra="forbid")
-    vlan: int = Field(ge=VLAN_MIN, le=VLAN_MAX, description=f"VLAN id ({VLAN_RULE})")
+    vlan: int | None = Field(default=None, ge=VLAN_MIN, le=VLAN_MAX,
+                             description=f"VLAN id ({VLAN_RULE}): access or native VLAN")
+    trunk: list[Annotated[int, Field(ge=VLAN_MIN, le=VLAN_MAX)]] | None = Field(
+        default=None, max_length=64, description="the VLANs the NIC carries tagged")
+
+    @model_validator(mode="after")
+    def _something(self) -> NicVlanRequest:
+        if self.vlan is None and self.trunk is None:
+            raise cross_field("give vlan, trunk or both")
+        return self
 
 
 @router.put("/{name}/nics/{mac}",
             dependencies=[Depends(require(P.VM_CONFIG_NETWORK, "/vms/{name}"))])
 async def set_nic_vlan(name: VMName, mac: Mac, body: NicVlanRequest, svc: Devices) -> Change:
-    """Move a NIC to another VLAN; on a running VM the guest sees the new segment at once."""
-    return await svc.set_nic_vlan(name, mac, body.vlan)
+    """Move a NIC to another VLAN, or change its trunk list; on a running VM the guest
+    sees the new segments at once."""
+    return await svc.set_nic_vlan(name, mac, body.vlan, body.trunk)
 
 
 @router.delete("/{name}/nics/{mac}", responses=PENDING,

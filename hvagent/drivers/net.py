@@ -45,6 +45,7 @@ TAP_PREFIX = "hv"
 NETWORK_PREFIX = "hvn"
 VLAN_BRIDGE_RE = re.compile(rf"{NETWORK_PREFIX}\d+v\d+")
 UPLINK_VLAN_RE = re.compile(rf"{NETWORK_PREFIX}\d+u\d+")
+DEFAULT_PVID = 1  # a VLAN-aware bridge's untagged VLAN of a new port
 
 
 SYS_CLASS_NET = Path("/sys/class/net")
@@ -136,10 +137,13 @@ def _prune(ipr: IPRoute, bridge: str | None) -> None:
             raise
 
 
-def _plug(tap: str, bridge: str, uplink: str | None = None, vlan: int | None = None) -> None:
+def _plug(tap: str, bridge: str, uplink: str | None = None, vlan: int | None = None,
+          filtering: bool = False, trunk: tuple[int, ...] = ()) -> None:
     """`tap` exists, is up and is a port of `bridge` (an on-demand bridge is created if
     needed; with `uplink`, VLAN `vlan` of the uplink joins it). A tap on another bridge
-    moves (live, when QEMU holds it open)."""
+    moves (live, when QEMU holds it open). `filtering`: `bridge` is VLAN-aware, and the
+    tap's VLANs there are `vlan` (default 1; none for a trunk without it), untagged and
+    its pvid, and the `trunk` VLANs tagged; the uplink carries them all tagged."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -161,9 +165,43 @@ def _plug(tap: str, bridge: str, uplink: str | None = None, vlan: int | None = N
             if old != bridge:
                 ipr.link("set", index=t, master=br)
                 _prune(ipr, old)
+            if filtering:
+                native = vlan if vlan is not None or trunk else DEFAULT_PVID
+                _set_port_vlans(ipr, t, native, set(trunk))
+                up = _index(ipr, uplink) if uplink is not None else None
+                if up is not None:
+                    have = _port_vlans(ipr, up)
+                    for v in ({vlan} - {None}) | set(trunk):
+                        if v not in have:
+                            ipr.vlan_filter("add", index=up, vlan_info={"vid": v})
             ipr.link("set", index=t, state="up")
     except NetlinkError as e:
         raise OperationFailed(f"tap {tap} on {bridge}: {e}") from e
+
+
+def _port_vlans(ipr: IPRoute, idx: int) -> set[int]:
+    """The VLAN ids of bridge port `idx` (a VLAN-aware bridge's filter entries)."""
+    vids: set[int] = set()
+    for msg in ipr.get_vlans():
+        if msg.get("index") != idx:
+            continue
+        spec = msg.get_attr("IFLA_AF_SPEC")
+        if spec is not None:
+            vids.update(int(info["vid"]) for info in spec.get_attrs("IFLA_BRIDGE_VLAN_INFO"))
+    return vids
+
+
+def _set_port_vlans(ipr: IPRoute, idx: int, native: int | None, tagged: set[int]) -> None:
+    """Port `idx` of a VLAN-aware bridge carries `native` untagged (its pvid) and the
+    `tagged` VLANs tagged, no other (an access port: native only)."""
+    have = _port_vlans(ipr, idx)
+    for v in have - tagged - {native}:
+        ipr.vlan_filter("del", index=idx, vlan_info={"vid": v})
+    if native is not None:
+        ipr.vlan_filter("add", index=idx, vlan_info={"vid": native, "flags": ["pvid",
+                                                                               "untagged"]})
+    for v in sorted(tagged):
+        ipr.vlan_filter("add", index=idx, vlan_info={"vid": v})
 
 
 def _uplink_vlan(ipr: IPRoute, bridge: str, br: int, uplink: str, vlan: int) -> None:
@@ -194,9 +232,10 @@ def _unplug(tap: str) -> None:
         raise OperationFailed(f"tap {tap}: cannot remove: {e}") from e
 
 
-def _ensure_network(bridge: str, address: str | None, uplink: str | None) -> None:
+def _ensure_network(bridge: str, address: str | None, uplink: str | None,
+                    filtering: bool = False) -> None:
     """A managed network's bridge exists and is up, with exactly `address` (IPv4) and,
-    given `uplink`, that host NIC as a port."""
+    given `uplink`, that host NIC as a port; `filtering`: VLAN-aware."""
     import ipaddress
 
     from pyroute2 import IPRoute
@@ -205,6 +244,8 @@ def _ensure_network(bridge: str, address: str | None, uplink: str | None) -> Non
     try:
         with IPRoute() as ipr:
             br = _ensure(ipr, bridge, kind="bridge")
+            if filtering:
+                ipr.link("set", index=br, kind="bridge", br_vlan_filtering=1)
             want = ipaddress.IPv4Interface(address) if address else None
             for a in ipr.get_addr(index=br, family=2):
                 have = ipaddress.IPv4Interface(
@@ -306,13 +347,26 @@ async def plug(tap: str, vlan: int) -> None:
 
 
 async def plug_on(tap: str, bridge: str, uplink: str | None = None,
-                  vlan: int | None = None) -> None:
+                  vlan: int | None = None, filtering: bool = False,
+                  trunk: list[int] | tuple[int, ...] = ()) -> None:
     """`tap` on a managed network's `bridge` (see _plug)."""
-    await asyncio.to_thread(_plug, tap, bridge, uplink, vlan)
+    await asyncio.to_thread(_plug, tap, bridge, uplink, vlan, filtering, tuple(trunk))
 
 
-async def ensure_network(bridge: str, address: str | None, uplink: str | None) -> None:
-    await asyncio.to_thread(_ensure_network, bridge, address, uplink)
+async def ensure_network(bridge: str, address: str | None, uplink: str | None,
+                         filtering: bool = False) -> None:
+    await asyncio.to_thread(_ensure_network, bridge, address, uplink, filtering)
+
+
+async def port_vlans(tap: str) -> set[int]:
+    """The VLAN ids of `tap` on a VLAN-aware bridge (empty: no tap, or no filtering)."""
+    def read() -> set[int]:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            t = _index(ipr, tap)
+            return _port_vlans(ipr, t) if t is not None else set()
+    return await asyncio.to_thread(read)
 
 
 async def remove_network(bridge: str) -> None:

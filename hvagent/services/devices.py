@@ -277,6 +277,7 @@ class DeviceService:
     async def add_nic(self, name: str, nic: NicSpec) -> Change:
         m = await self._machine_if_active(name)
         nic = self.vms.networks.resolve_nic(nic, "nic")
+        await self.vms.networks.check_trunks([nic], "nic")
         with self.vms.locks.hold(name, "add-nic"):
             spec = self._spec(name)
             slot = free_port(spec)
@@ -296,10 +297,13 @@ class DeviceService:
                     raise
             return await self._commit(name, spec, new, "done", f"added NIC {nic.mac}")
 
-    async def set_nic_vlan(self, name: str, mac: str, vlan: int) -> Change:
-        """Move a bridge NIC to VLAN `vlan`; on a running VM its tap moves to that VLAN's
-        bridge live (the guest keeps its NIC and sees the new segment at once)."""
-        check_vlan(vlan)
+    async def set_nic_vlan(self, name: str, mac: str, vlan: int | None,
+                           trunk: list[int] | None = None) -> Change:
+        """Move a bridge NIC to VLAN `vlan` and/or give it the trunk list `trunk` (None:
+        unchanged); on a running VM its tap moves live (the guest keeps its NIC and sees
+        the new segments at once)."""
+        if vlan is not None:
+            check_vlan(vlan)
         m = await self._machine_if_active(name)
         with self.vms.locks.hold(name, "set-nic-vlan"):
             spec = self._spec(name)
@@ -311,16 +315,25 @@ class DeviceService:
             if nic.network == "user" or self.vms.networks.addressed(nic.network):
                 raise Conflict(f"{name}: NIC {mac} uses {nic.network} networking, which has "
                                "no VLAN (remove it and add a bridge NIC)")
-            if nic.vlan == vlan:
-                return await self._result(name, "done", f"NIC {mac} already on VLAN {vlan}")
-            nics = [n.model_copy(update={"vlan": vlan}) if j == i else n
-                    for j, n in enumerate(spec.nics)]
+            want_vlan = nic.vlan if vlan is None else vlan
+            want_trunk = nic.trunk if trunk is None else trunk
+            try:
+                moved = NicSpec.model_validate({**nic.model_dump(), "vlan": want_vlan,
+                                                "trunk": want_trunk})
+            except ValidationError as e:
+                raise InvalidRequest(f"NIC {mac}: {e.errors()[0]['msg']}") from None
+            if (moved.vlan, moved.trunk) == (nic.vlan, nic.trunk):
+                return await self._result(name, "done", f"NIC {mac} already on VLAN "
+                                          f"{nic.vlan}" + _trunk_text(nic.trunk))
+            await self.vms.networks.check_trunks([moved], "nic")
+            nics = [moved if j == i else n for j, n in enumerate(spec.nics)]
             new = _with(spec, nics=nics)
             self.vms.admission.admit(new, previous=spec)
             if m is not None:
-                await self.vms.networks.plug(nic, vlan)
-            return await self._commit(name, spec, new, "done",
-                                      f"NIC {mac} moved from VLAN {nic.vlan} to VLAN {vlan}")
+                await self.vms.networks.plug(moved)
+            return await self._commit(
+                name, spec, new, "done", f"NIC {mac} moved from VLAN {nic.vlan}"
+                f"{_trunk_text(nic.trunk)} to VLAN {moved.vlan}{_trunk_text(moved.trunk)}")
 
     async def remove_nic(self, name: str, mac: str,
                          timeout: float = DEFAULT_UNPLUG_TIMEOUT) -> Change:
@@ -425,3 +438,7 @@ class DeviceService:
     async def _result(self, name: str, status: str, detail: str) -> Change:
         info: VMInfo = await self.vms.get(name)
         return Change(status=status, detail=detail, vm=info)  # type: ignore[arg-type]
+
+
+def _trunk_text(trunk: list[int]) -> str:
+    return f" (trunk {','.join(map(str, trunk))})" if trunk else ""

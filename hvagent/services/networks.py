@@ -9,10 +9,13 @@ are made on start and cannot be deleted through the API. A network some VM's NIC
 cannot be deleted (409 naming the VMs). A dnsmasq that dies is restarted within
 SUPERVISE_INTERVAL.
 
-Bridged networks run in per-VLAN-bridge mode: a NIC with a VLAN sits on the network's
-bridge of that VLAN (`hvn<num>v<vlan>`, with the uplink's 802.1q link of that VLAN when
-the network has an uplink), one without on the network's own bridge. The kernel's VLAN
-filtering (VLAN-aware mode) is detected and reported; the agent does not use it yet.
+Bridged networks are VLAN-aware where the kernel's bridges filter VLANs (detected once,
+on a probe bridge): one bridge with `vlan_filtering`, each NIC's tap an access port of
+its VLAN (untagged, pvid; VLAN 1 for a NIC without one), the uplink carrying the NICs'
+VLANs tagged. Elsewhere they run in per-VLAN-bridge mode: a NIC with a VLAN sits on the
+network's bridge of that VLAN (`hvn<num>v<vlan>`, with the uplink's 802.1q link of that
+VLAN when the network has an uplink), one without on the network's own bridge. The API
+reports which mode each network is in.
 
 The built-in `bridge` network is the one-bridge-per-VLAN segments (hvbr<vlan>);
 user-mode NICs (QEMU's own NAT) have nothing on the host and are skipped everywhere.
@@ -65,7 +68,7 @@ class NetworkInfo(BaseModel):
     dhcp_start: str | None
     dhcp_end: str | None
     bridge: str
-    vlan_mode: Literal["per-vlan-bridge", "none"]
+    vlan_mode: Literal["vlan-aware", "per-vlan-bridge", "none"]
     vlan_filtering: str  # "available", or why the kernel's bridges cannot filter VLANs
     dhcp_server: Literal["running", "stopped", "none"]
     declared: bool
@@ -117,6 +120,16 @@ class NetworkService:
             self._vlan_filtering = "" if why is None else why
         return self._vlan_filtering or "available"
 
+    async def _aware(self, spec: NetworkSpec) -> bool:
+        """The network's bridge filters VLANs (a bridged network on a kernel that can)."""
+        return spec.kind == NetworkKind.BRIDGED and await self._filtering() == "available"
+
+    async def _vlan_mode(self, spec: NetworkSpec) -> Literal["vlan-aware", "per-vlan-bridge",
+                                                              "none"]:
+        if spec.kind != NetworkKind.BRIDGED:
+            return "none"
+        return "vlan-aware" if await self._aware(spec) else "per-vlan-bridge"
+
     async def info(self, row: NetworkRow) -> NetworkInfo:
         s = row.spec
         addressed = s.kind in ADDRESSED
@@ -128,7 +141,7 @@ class NetworkService:
             name=s.name, kind=s.kind, uplink=s.uplink, address=s.address, dhcp=s.dhcp,
             dhcp_start=str(first) if first else None, dhcp_end=str(last) if last else None,
             bridge=net.network_bridge(row.num),
-            vlan_mode="per-vlan-bridge" if s.kind == NetworkKind.BRIDGED else "none",
+            vlan_mode=await self._vlan_mode(s),
             vlan_filtering=await self._filtering(), dhcp_server=server,
             declared=row.declared, vms=self.users(s.name), error=self._errors.get(s.name))
 
@@ -191,7 +204,7 @@ class NetworkService:
     async def _realize(self, row: NetworkRow) -> None:
         """The host matches the network: bridge, address, uplink, dnsmasq."""
         s, bridge = row.spec, net.network_bridge(row.num)
-        await net.ensure_network(bridge, s.address, s.uplink)
+        await net.ensure_network(bridge, s.address, s.uplink, await self._aware(s))
         if s.kind in ADDRESSED and dnsmasq.running(self._files(s.name)) is None:
             await dnsmasq.start(s, bridge, self._files(s.name))
 
@@ -305,10 +318,20 @@ class NetworkService:
             have = ", ".join(r.name for r in self._rows()) or "none"
             raise InvalidRequest(f"{where}.network: no network {nic.network!r} on this host "
                                  f"(networks: {have}; built in: user, bridge)")
-        if nic.vlan is not None and row.spec.kind in ADDRESSED:
-            raise InvalidRequest(f"{where}.vlan: network {nic.network} is {row.spec.kind}, "
-                                 "which has no VLANs (only bridged networks do)")
+        for field in ("vlan", "trunk"):
+            if getattr(nic, field) and row.spec.kind in ADDRESSED:
+                raise InvalidRequest(f"{where}.{field}: network {nic.network} is "
+                                     f"{row.spec.kind}, which has no VLANs (only bridged "
+                                     "networks do)")
         return nic
+
+    async def check_trunks(self, nics: list[NicSpec], where: str = "nics") -> None:
+        """A trunk NIC needs a VLAN-aware bridge: refused, naming why, where the kernel's
+        bridges cannot filter VLANs."""
+        for i, n in enumerate(nics):
+            if n.trunk and await self._filtering() != "available":
+                raise InvalidRequest(f"{where}[{i}].trunk: trunk NICs need VLAN-aware "
+                                     f"bridges, and here {await self._filtering()}")
 
     def resolve_nics(self, spec: VMSpec) -> VMSpec:
         nics = [self.resolve_nic(n, f"nics[{i}]") for i, n in enumerate(spec.nics)]
@@ -336,8 +359,12 @@ class NetworkService:
             raise OperationFailed(f"NIC {nic.mac}: network {nic.network} no longer exists")
         if vlan is not None:
             check_vlan(vlan)
-        await net.plug_on(self.tap(nic), net.network_bridge(row.num, vlan), row.spec.uplink,
-                          vlan)
+        if await self._aware(row.spec):
+            await net.plug_on(self.tap(nic), net.network_bridge(row.num), row.spec.uplink,
+                              vlan, filtering=True, trunk=nic.trunk)
+        else:
+            await net.plug_on(self.tap(nic), net.network_bridge(row.num, vlan),
+                              row.spec.uplink, vlan)
 
     async def unplug(self, nic: NicSpec) -> None:
         """Remove the NIC's tap (and an on-demand bridge when that was its last port)."""
@@ -364,5 +391,15 @@ class NetworkService:
         return row is not None and row.spec.kind in ADDRESSED
 
     async def vlan_of(self, nic: NicSpec) -> int | None:
-        """The VLAN whose bridge the NIC's tap is on now (None: no tap, or on none)."""
+        """The VLAN the NIC's tap is on now (None: no tap, or on none): its bridge's on
+        `bridge` and per-VLAN bridges, its access VLAN on a VLAN-aware bridge."""
+        row = self.store.networks.get(nic.network) if self.store is not None and \
+            nic.managed else None
+        if row is not None and await self._aware(row.spec):
+            vids = await net.port_vlans(self.tap(nic))
+            return next(iter(vids)) if len(vids) == 1 else None
+        if row is not None:
+            master = (await net.links()).get(self.tap(nic))
+            m = re.fullmatch(rf"{net.network_bridge(row.num)}v(\d+)", master or "")
+            return int(m.group(1)) if m else None
         return await net.vlan_of(self.tap(nic))

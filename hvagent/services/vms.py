@@ -236,6 +236,7 @@ class VMService:
             if self.store.get_vm(spec.name) is not None:
                 raise Conflict(f"{spec.name}: a VM with this name already exists")
             spec = self.networks.resolve_nics(spec)
+            await self.networks.check_trunks(spec.nics)
             self.admission.admit(spec)  # before anything is made
             check_host_limits(spec, self.files(spec.name).qmp)
             created: list[Path] = []

@@ -16,9 +16,10 @@ from hvagent.host.formats import DISK_FORMAT_LABELS
 from hvagent.spec import DEFAULT_UNPLUG_TIMEOUT as UNPLUG_TIMEOUT
 from hvagent.spec import NAME_RE, VLAN_MAX, VLAN_MIN, VLAN_RULE
 
-NIC_METAVAR = "[NETWORK][,vlan=N][,mac=M]"
+NIC_METAVAR = "[NETWORK][,vlan=N][,trunk=N:N...][,mac=M]"
 NIC_HELP = ("NETWORK: user (user-mode NAT), a host network (hvctl net list) or nothing (the "
-            "host's default network); vlan=N alone: a tap on VLAN N's host bridge")
+            "host's default network); vlan=N alone: a tap on VLAN N's host bridge; "
+            "trunk=10:20: VLANs carried tagged (bridged networks)")
 ANSWER_MARGIN = 60.0  # how much longer than the guest's time hvctl waits for the answer
 
 
@@ -35,12 +36,14 @@ def parse_nic(value: str) -> dict[str, Any]:
         rest = [head, *rest]
     for part in rest:
         key, sep, val = part.partition("=")
-        if not sep or key not in ("vlan", "mac") or not val:
+        if not sep or key not in ("vlan", "mac", "trunk") or not val:
             raise argparse.ArgumentTypeError(f"{value!r}: expected {NIC_METAVAR}: {NIC_HELP}")
         if key == "vlan":
             if not val.isdigit() or not VLAN_MIN <= int(val) <= VLAN_MAX:
                 raise argparse.ArgumentTypeError(f"{value!r}: vlan must be {VLAN_RULE}")
             nic["vlan"] = int(val)
+        elif key == "trunk":
+            nic["trunk"] = [_vlan(v) for v in val.split(":")]
         else:
             nic["mac"] = val
     return nic
@@ -82,7 +85,10 @@ def add_parsers(vm: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sv = vm.add_parser("set-nic-vlan", help="move a NIC to another VLAN (live when it runs)")
     sv.add_argument("name")
     sv.add_argument("mac")
-    sv.add_argument("vlan", type=_vlan, metavar="VLAN", help=f"VLAN id ({VLAN_RULE})")
+    sv.add_argument("vlan", type=_vlan, metavar="VLAN", nargs="?",
+                    help=f"access or native VLAN id ({VLAN_RULE}); omitted: unchanged")
+    sv.add_argument("--trunk", type=lambda v: [_vlan(x) for x in v.split(",") if x],
+                    metavar="N,N...", help="the VLANs the NIC carries tagged ('' for none)")
     sv.set_defaults(func=set_nic_vlan)
     rn = vm.add_parser("remove-nic", help="hot-remove a NIC")
     rn.add_argument("name")
@@ -147,7 +153,10 @@ def _vlan(value: str) -> int:
 
 
 def set_nic_vlan(args: argparse.Namespace, agent: Agent) -> None:
-    _done(args, agent.put(f"/vms/{args.name}/nics/{args.mac}", body={"vlan": args.vlan}))
+    body = {k: v for k, v in (("vlan", args.vlan), ("trunk", args.trunk)) if v is not None}
+    if not body:
+        raise HVError("set-nic-vlan: give VLAN, --trunk or both")
+    _done(args, agent.put(f"/vms/{args.name}/nics/{args.mac}", body=body))
 
 
 def remove_nic(args: argparse.Namespace, agent: Agent) -> None:

@@ -277,6 +277,7 @@ class DeviceService:
     async def add_nic(self, name: str, nic: NicSpec) -> Change:
         m = await self._machine_if_active(name)
         nic = self.vms.networks.resolve_nic(nic, "nic")
+        nic = self.vms.networks.unique_macs([nic], name, "nic")[0]
         await self.vms.networks.check_trunks([nic], "nic")
         with self.vms.locks.hold(name, "add-nic"):
             spec = self._spec(name)

@@ -36,7 +36,15 @@ from pydantic import BaseModel
 from hvagent.drivers import dnsmasq, firewall, net
 from hvagent.errors import Conflict, HVError, InvalidRequest, NotFound, OperationFailed
 from hvagent.netspec import ADDRESSED, NetworkKind, NetworkSpec
-from hvagent.spec import VLAN_BRIDGES, VLAN_MAX, VLAN_MIN, VLAN_RULE, NicSpec, VMSpec
+from hvagent.spec import (
+    VLAN_BRIDGES,
+    VLAN_MAX,
+    VLAN_MIN,
+    VLAN_RULE,
+    NicSpec,
+    VMSpec,
+    random_mac,
+)
 from hvagent.store.networks import NetworkRow
 
 if TYPE_CHECKING:
@@ -335,7 +343,39 @@ class NetworkService:
 
     def resolve_nics(self, spec: VMSpec) -> VMSpec:
         nics = [self.resolve_nic(n, f"nics[{i}]") for i, n in enumerate(spec.nics)]
+        nics = self.unique_macs(nics, spec.name)
         return spec.model_copy(update={"nics": nics}) if nics != spec.nics else spec
+
+    def macs_in_use(self, but: str | None = None) -> dict[str, str]:
+        """MAC address -> the VM whose NIC has it, over every VM but `but`."""
+        assert self.store is not None
+        out: dict[str, str] = {}
+        for r in self.store.list_vms():
+            if r.name == but:
+                continue
+            try:
+                spec = VMSpec.model_validate_json(r.spec)
+            except ValueError:
+                continue
+            out.update({n.mac: r.name for n in spec.nics})
+        return out
+
+    def unique_macs(self, nics: list[NicSpec], vm: str, where: str = "nics") -> list[NicSpec]:
+        """The NICs with MAC addresses no other VM of the host has (a NIC's tap is named
+        after its MAC): a generated one is drawn again, a given one is a 409."""
+        if self.store is None:
+            return nics
+        used = self.macs_in_use(but=vm)
+        out = []
+        for i, n in enumerate(nics):
+            if n.mac in used:
+                if "mac" in n.model_fields_set:
+                    field = f"{where}[{i}].mac" if where == "nics" else f"{where}.mac"
+                    raise Conflict(f"{field}: {n.mac} is a NIC of VM {used[n.mac]}")
+                while n.mac in used:
+                    n = n.model_copy(update={"mac": random_mac()})
+            out.append(n)
+        return out
 
     @staticmethod
     def tap(nic: NicSpec) -> str:

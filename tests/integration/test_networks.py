@@ -202,6 +202,21 @@ def test_bad_networks_are_refused_and_nothing_is_made(
         assert r.status_code == 400 and words in r.json()["detail"], r.text
         assert c.get("/vms/n-bad").status_code == 404
 
+    # A MAC names its NIC's tap: one host has it once (create and hot-add alike).
+    mac = "52:54:00:0c:00:01"
+    r = c.post("/vms", json={"name": "n-m1", "memory_mib": 64, "nics": [{"mac": mac}]})
+    assert r.status_code == 201, r.text
+    r = c.post("/vms", json={"name": "n-m2", "memory_mib": 64, "nics": [{"mac": mac}]})
+    assert r.status_code == 409 and "n-m1" in r.json()["detail"], r.text
+    assert c.get("/vms/n-m2").status_code == 404
+    r = c.post("/vms", json={"name": "n-m2", "memory_mib": 64})
+    assert r.status_code == 201, r.text
+    r = c.post("/vms/n-m2/nics", json={"mac": mac.upper()})
+    assert r.status_code == 409 and "nic.mac" in r.json()["detail"], r.text
+    assert c.get("/vms/n-m2").json()["spec"]["nics"] == []
+    for vm in ("n-m1", "n-m2"):
+        assert c.delete(f"/vms/{vm}").status_code in (200, 204)
+
 
 def test_bridged_network_vlans_and_policy(world: tuple[NetnsAgent, str]) -> None:
     """A bridged network's NICs: one without a VLAN on its bridge, one with a VLAN on

@@ -174,6 +174,23 @@ def test_guests_on_one_vlan_reach_each_other_and_not_another_vlan(
         while ("10.77.0.1", True) not in tinyguest.parse_pings(logs["v-c"].read_text()):
             assert time.monotonic() < deadline, "C never reached A after the move"
             time.sleep(0.5)
+        # D, left on VLAN 20, is cut off from C from then on.
+        seen = {n: len(tinyguest.parse_pings(p.read_text())) for n, p in logs.items()}
+        pings = _wait_pings(logs, {"v-d": seen["v-d"] + 3, "v-c": seen["v-c"] + 3})
+        assert not any(ok for _, ok in pings["v-d"][seen["v-d"]:]), pings["v-d"]
+
+        # An agent restart puts the taps back where the specs say: C's tap, moved back
+        # to VLAN 20's bridge by hand while the agent was down, returns to VLAN 10.
+        agent.stop()
+        subprocess.run(["ip", "-n", agent.netns, "link", "set", tap, "master", "hvbr20"],
+                       check=True, timeout=60)
+        agent.restart()
+        c = agent.root_client
+        assert agent.links()[tap] == "hvbr10"
+        seen = {n: len(tinyguest.parse_pings(p.read_text())) for n, p in logs.items()}
+        pings = _wait_pings(logs, {"v-c": seen["v-c"] + 4, "v-d": seen["v-d"] + 3})
+        assert ("10.77.0.1", True) in pings["v-c"][seen["v-c"]:], pings["v-c"]
+        assert not any(ok for _, ok in pings["v-d"][seen["v-d"]:]), pings["v-d"]
     finally:
         for name in guests:
             c.post(f"/vms/{name}/stop", json={"force": True})

@@ -134,8 +134,12 @@ def test_nat_and_isolated_networks(world: tuple[NetnsAgent, str],
         text = _wait(nat_log, lambda t: any(ok for _, ok in tinyguest.parse_tcp(t)),
                      "the nat guest reached the outside server")
         assert any(d == GREETING for _, d in tinyguest.parse_tcp(text)), text[-2000:]
-        resolved = tinyguest.parse_resolves(text)
-        assert (socket.gethostname(), "192.168.150.1") in resolved, resolved
+        # A lookup can time out on a loaded machine: one answer is enough, and every
+        # answer is the host's address on the network.
+        text = _wait(nat_log, lambda t: any(ip for _, ip in tinyguest.parse_resolves(t)),
+                     "the nat guest resolved the host's name")
+        answers = {ip for _, ip in tinyguest.parse_resolves(text) if ip}
+        assert answers == {"192.168.150.1"}, tinyguest.parse_resolves(text)
 
         text = _wait(iso_log, lambda t: len(tinyguest.parse_tcp(t)) >= 3,
                      "three TCP attempts of the isolated guest")

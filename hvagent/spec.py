@@ -150,6 +150,50 @@ class Firmware(StrEnum):
 class BootDevice(StrEnum):
     DISK = "disk"
     NETWORK = "network"
+    CD = "cd"  # the virtual CD drive (media slot `cd`)
+    USB = "usb"  # the virtual USB stick (media slot `usb`)
+
+
+class MediaSlot(StrEnum):
+    """The VM's removable-media drives (Redfish VirtualMedia Cd and UsbStick)."""
+
+    CD = "cd"
+    USB = "usb"
+
+
+class BootEnabled(StrEnum):
+    """How a boot override applies (Redfish BootSourceOverrideEnabled)."""
+
+    DISABLED = "disabled"
+    ONCE = "once"  # the next boot only; then back to disabled
+    CONTINUOUS = "continuous"
+
+
+class MediaSpec(BaseModel):
+    """A removable-media drive and what is in it. `image` is a file in the storage
+    directory (a URL the agent downloaded is kept there under media/); None: empty."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slot: MediaSlot
+    image: HostPath | None = None
+    source: str | None = Field(default=None, max_length=PATH_MAX_CHARS, description=(
+        "where the image came from (the URL or path the client gave)"))
+    write_protected: bool = True
+
+
+class BootOverride(BaseModel):
+    """Boot from `target` first, before `boot_order`: at the next boot only (once) or
+    until disabled (continuous)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: BootDevice = BootDevice.DISK
+    enabled: BootEnabled = BootEnabled.DISABLED
+    uefi_http: bool = Field(default=False, description=(
+        "a network target boots by UEFI HTTP boot rather than PXE (UEFI VMs)"))
+    http_boot_uri: str | None = Field(default=None, max_length=PATH_MAX_CHARS,
+                                      json_schema_extra={"pattern": TEXT_PATTERN})
 
 
 class DiskSpec(BaseModel):
@@ -325,6 +369,9 @@ class VMSpec(BaseModel):
     disks: list[DiskSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     boot_order: list[BootDevice] = Field(default_factory=lambda: [BootDevice.DISK])
+    boot_override: BootOverride = Field(default_factory=BootOverride)
+    media: list[MediaSpec] = Field(default_factory=list, description=(
+        "removable-media drives (at most one per slot)"))
     kernel: HostPath | None = None
     initrd: HostPath | None = None
     append: str | None = Field(default=None, max_length=APPEND_MAX_CHARS,
@@ -385,4 +432,22 @@ class VMSpec(BaseModel):
         macs = [n.mac for n in self.nics]
         if len(set(macs)) != len(macs):
             raise cross_field("two NICs have the same MAC address")
+        slots = [m.slot for m in self.media]
+        if len(set(slots)) != len(slots):
+            raise cross_field("media: at most one drive per slot")
+        if sum(d.bus == "sata" for d in self.disks) + (MediaSlot.CD in slots) > AHCI_PORTS:
+            raise cross_field(f"disks and the CD drive: at most {AHCI_PORTS} on the AHCI "
+                              "controller")
         return self
+
+    def media_in(self, slot: MediaSlot) -> MediaSpec | None:
+        return next((m for m in self.media if m.slot == slot), None)
+
+    def effective_boot_order(self, override: bool = True) -> list[BootDevice]:
+        """The order the next boot uses: the override's target first when it is
+        enabled (and `override`), then `boot_order`."""
+        order = list(dict.fromkeys(self.boot_order))
+        o = self.boot_override
+        if override and o.enabled is not BootEnabled.DISABLED:
+            order = [o.target, *(d for d in order if d != o.target)]
+        return order

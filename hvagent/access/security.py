@@ -10,6 +10,7 @@ from hvagent.access.acl import AccessControl, vm_of
 from hvagent.access.audit import AuditLog
 from hvagent.access.policy import Admission, HostPolicy, Usage
 from hvagent.access.principal import Principal
+from hvagent.access.sessions import Sessions
 from hvagent.access.tokens import Tokens, TokenStatus
 from hvagent.spec import VMSpec
 from hvagent.store import Store
@@ -23,6 +24,7 @@ class Security:
         self.policy = policy
         self.tokens = Tokens(store)
         self.audit = AuditLog(store)
+        self.sessions = Sessions(self.tokens)  # Redfish logins (X-Auth-Token)
         # enforce=False exists for bench/auth.py only (the same app without the checks).
         self.enforce = enforce
         self._admissions: list[Admission] = []

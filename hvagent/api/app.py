@@ -15,12 +15,13 @@ from hvagent.access.policy import load_policy
 from hvagent.access.principal import ROOT
 from hvagent.access.privileges import ADMINISTRATOR
 from hvagent.access.security import Security
-from hvagent.api import audit, auth, errors, listeners, metrics, v1
+from hvagent.api import audit, auth, errors, listeners, metrics, redfish, v1
 from hvagent.config import AgentConfig, agent_version
 from hvagent.host.persistence import state_persistence
 from hvagent.services.checkpoints import CheckpointService
 from hvagent.services.devices import DeviceService
 from hvagent.services.jobs import Jobs
+from hvagent.services.media import MediaService
 from hvagent.services.metrics import AgentMetrics
 from hvagent.services.vms import VMService
 from hvagent.store import Store
@@ -60,6 +61,7 @@ def create_app(config: AgentConfig) -> FastAPI:
         # Before startup: they listen to QMP events and recover interrupted work.
         app.state.devices = DeviceService(vms, agent_metrics.ops)
         app.state.checkpoints = CheckpointService(vms, agent_metrics.ops)
+        app.state.media = MediaService(vms)
         agent_metrics.bind(vms)
         app.state.disks = vms.disks
         # The accelerator probe (cached per host boot) runs while the agent serves.
@@ -81,6 +83,7 @@ def create_app(config: AgentConfig) -> FastAPI:
     app.state.metrics = agent_metrics = AgentMetrics()
     errors.install(app)
     app.include_router(v1.router)
+    app.include_router(redfish.router)
     app.include_router(metrics.router)
     app.include_router(audit.router, prefix="/api/v1")
     listeners.add_ca_route(app, config)

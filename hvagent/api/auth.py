@@ -18,6 +18,8 @@ once.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
@@ -28,15 +30,38 @@ from fastapi.responses import JSONResponse
 from hvagent.access.principal import ROOT, Principal, current_principal
 from hvagent.access.privileges import Privilege
 from hvagent.access.security import Security
-from hvagent.api.errors import MUTATING, PROBLEM, PROBLEM_REF, PROBLEM_SCHEMA, problem
+from hvagent.api.errors import (
+    MUTATING,
+    PROBLEM,
+    PROBLEM_REF,
+    PROBLEM_SCHEMA,
+    error_response,
+    is_redfish,
+)
 from hvagent.api.routes import routes
 from hvagent.errors import PolicyDenied
 
 log = logging.getLogger(__name__)
 
-# Routes anyone may read: the API description and the CA certificate clients pin.
+# Routes anyone may read: the API description and the CA certificate clients pin; and
+# what Redfish leaves open (its service root, version and metadata documents, and the
+# login itself: POST Sessions).
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
-                          "/ca.pem"})
+                          "/ca.pem", "/redfish", "/redfish/", "/redfish/v1",
+                          "/redfish/v1/", "/redfish/v1/$metadata", "/redfish/v1/odata"})
+PUBLIC_ROUTES = frozenset({("POST", "/redfish/v1/SessionService/Sessions")})
+
+
+def is_public(method: str, path: str) -> bool:
+    return path in PUBLIC_PATHS or (method, path.rstrip("/")) in PUBLIC_ROUTES
+
+
+def _basic(cred: str) -> tuple[str, str]:
+    try:
+        user, _, password = base64.b64decode(cred, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", ""
+    return user, password
 
 
 def authenticate(security: Security, scope: MutableMapping[str, Any]) -> tuple[
@@ -45,16 +70,30 @@ def authenticate(security: Security, scope: MutableMapping[str, Any]) -> tuple[
     token, else a uid-0 peer on the unix socket is root."""
     if not security.enforce:
         return Principal(ROOT), "", ROOT
-    header = None
+    header = session = None
     for k, v in scope.get("headers", ()):
         if k == b"authorization":
             header = v.decode("latin-1")
-            break
+        elif k == b"x-auth-token":
+            session = v.decode("latin-1").strip()
     if header is not None:
         scheme, _, cred = header.strip().partition(" ")
+        if scheme.lower() == "basic" and cred.strip():
+            # HTTP basic (Redfish): the principal's name and one of its API tokens.
+            user, password = _basic(cred.strip())
+            principal = security.sessions.check_password(user, password)
+            if principal is None:
+                return None, "invalid user name or password (a token of that user)", \
+                    user or "-"
+            return principal, "", principal.name
         if scheme.lower() != "bearer" or not cred.strip():
             return None, "malformed Authorization header (expected: Bearer TOKEN)", "-"
         return security.token_principal(cred.strip())
+    if session is not None:
+        found = security.sessions.lookup(session)
+        if found is None:
+            return None, "invalid or expired session (X-Auth-Token)", "-"
+        return found.principal, "", found.principal.name
     uid = (scope.get("state") or {}).get("peer_uid")
     if uid == 0:
         return Principal(ROOT), "", ROOT
@@ -174,7 +213,9 @@ def undeclared_routes(app: Any) -> list[str]:
     """Routes that are neither public nor declare a privilege."""
     return sorted(f"{','.join(sorted(getattr(route, 'methods', None) or ['*']))} {path}"
                   for path, route, req in declared_routes(app)
-                  if req is None and path not in PUBLIC_PATHS)
+                  if req is None and path not in PUBLIC_PATHS
+                  and not all(is_public(m, path) for m in getattr(route, "methods", None)
+                              or ["*"]))
 
 
 def check_routes(app: Any) -> None:
@@ -206,11 +247,14 @@ class SecurityMiddleware:
         method, path = scope["method"], scope["path"]
         action = f"{method} {path}"
         if security is None:
-            await _send(send, problem(503, "unavailable", "the agent is starting"))
+            await _send(send, error_response(path, 503, "unavailable",
+                                             "the agent is starting"))
             return
         principal, why, who = authenticate(security, scope)
-        if principal is None and path not in PUBLIC_PATHS:
-            await _send(send, problem(401, "unauthorized", why, {"www-authenticate": "Bearer"}))
+        if principal is None and not is_public(method, path):
+            await _send(send, error_response(path, 401, "unauthorized", why, {
+                "www-authenticate": "Basic realm=\"hvagent\"" if is_redfish(path)
+                else "Bearer"}))
             security.audit.record(principal=who, action=action, privilege=None,
                                   target=path, result="denied", status=401, detail=why)
             return
@@ -256,7 +300,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PolicyDenied)
     async def _denied(request: Request, exc: PolicyDenied) -> JSONResponse:
         request.state.denial = exc.message
-        return problem(403, "forbidden", exc.message, kind="policy")
+        return error_response(request.url.path, 403, "forbidden", exc.message, kind="policy")
 
     _document(app)
 

@@ -52,6 +52,21 @@ def problem(status: int, title: str, detail: str, headers: dict[str, str] | None
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def is_redfish(path: str) -> bool:
+    return path == "/redfish" or path.startswith("/redfish/")
+
+
+def error_response(path: str, status: int, title: str, detail: str,
+                   headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """The error answer for a request to `path`: Redfish's extended error under
+    /redfish (hvagent.api.redfish.messages), problem+json everywhere else."""
+    if is_redfish(path):
+        from hvagent.api.redfish.messages import redfish_error  # only Redfish needs it
+
+        return redfish_error(status, detail, headers, **extra)
+    return problem(status, title, detail, headers, **extra)
+
+
 def _field(loc: tuple[Any, ...]) -> str:
     # ("body", "disks", 0, "format") -> "disks[0].format"
     out = ""
@@ -77,7 +92,11 @@ def install(app: FastAPI) -> None:
         extra: dict[str, Any] = {"kind": exc.kind}
         if isinstance(exc, Busy):
             extra["operation"] = exc.operation
-        return problem(STATUS.get(exc.kind, 500), exc.kind, exc.message, **extra)
+        # An error of one face (Redfish) may name its own status and message key.
+        status = getattr(exc, "status", None) or STATUS.get(exc.kind, 500)
+        if getattr(exc, "key", None):
+            extra.update(key=exc.key, args=getattr(exc, "args_", ()))  # type: ignore[attr-defined]
+        return error_response(request.url.path, status, exc.kind, exc.message, **extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -85,7 +104,8 @@ def install(app: FastAPI) -> None:
         # rule across fields, which the schema states only in its description.
         broken = [{"field": _field(tuple(e["loc"])), "type": str(e["type"])}
                   for e in exc.errors()]
-        return problem(422, "invalid", validation_detail(exc), kind="invalid", errors=broken)
+        return error_response(request.url.path, 422, "invalid", validation_detail(exc),
+                              kind="invalid", errors=broken)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -94,7 +114,8 @@ def install(app: FastAPI) -> None:
             # Starlette names only the first route matching the path; a path served by
             # several routes (GET and DELETE /vms/{name}) allows all their methods.
             headers["Allow"] = allowed_methods(app, request)
-        return problem(exc.status_code, "http", str(exc.detail), headers=headers or None)
+        return error_response(request.url.path, exc.status_code, "http", str(exc.detail),
+                              headers=headers or None)
 
 
 def allowed_methods(app: FastAPI, request: Request) -> str:

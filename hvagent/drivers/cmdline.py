@@ -24,6 +24,8 @@ from hvagent.spec import (
     DiskFormat,
     DiskSpec,
     Firmware,
+    MediaSlot,
+    MediaSpec,
     PendingUnplug,
     VMSpec,
 )
@@ -90,6 +92,44 @@ def dimm_ids(d: DimmSpec) -> tuple[str, str]:
 def memory_backend_of(device: str) -> str:
     """The memory backend id of a DIMM's device id."""
     return "mem-" + device
+
+
+def media_ids(slot: MediaSlot) -> tuple[str, str]:
+    """(device id, block node) of a removable-media drive."""
+    return f"{slot}0", f"media-{slot}"
+
+
+def media_blockdev(node: str, media: MediaSpec) -> dict[str, Any]:
+    """The block node of an inserted medium: a raw image (ISO 9660 or a stick image)."""
+    assert media.image is not None
+    return {"driver": "raw", "node-name": node, "read-only": media.write_protected,
+            "file": {"driver": "file", "filename": media.image,
+                     "read-only": media.write_protected}}
+
+
+def boot_indexes(spec: VMSpec, order: list[BootDevice]) -> dict[str, int]:
+    """Device id -> bootindex of the devices fixed at boot, for `order`: every disk (in
+    spec order), every NIC, the CD or the USB stick, by kind in that order. Devices
+    of a kind `order` does not name get none."""
+    ids: dict[BootDevice, list[str]] = {
+        BootDevice.DISK: [disk_node(spec, i) for i, d in enumerate(spec.disks)
+                          if d.slot is None],
+        BootDevice.NETWORK: [nic_ids(spec, i)[0] for i, n in enumerate(spec.nics)
+                             if n.slot is None],
+        BootDevice.CD: [media_ids(MediaSlot.CD)[0]] if spec.media_in(MediaSlot.CD) else [],
+        BootDevice.USB: ([media_ids(MediaSlot.USB)[0]]
+                         if (m := spec.media_in(MediaSlot.USB)) and m.image else []),
+    }
+    out: dict[str, int] = {}
+    for kind in dict.fromkeys(order):
+        for dev in ids[kind]:
+            out[dev] = len(out) + 1
+    return out
+
+
+def bootable_devices(spec: VMSpec) -> list[str]:
+    """Every device id boot_indexes can number (what a new order is set on, live)."""
+    return list(boot_indexes(spec, list(BootDevice)))
 
 
 def hotplug_port(slot: int) -> str:
@@ -198,12 +238,8 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str],
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={files.efivars}",
         ]
-    # bootindex follows boot_order: all disks (in order), then all NICs, or the reverse.
-    index: dict[tuple[BootDevice, int], int] = {}
-    counts = {BootDevice.DISK: len(spec.disks), BootDevice.NETWORK: len(spec.nics)}
-    for kind in dict.fromkeys(spec.boot_order):
-        for i in range(counts[kind]):
-            index[(kind, i)] = len(index) + 1
+    # bootindex follows the boot order (an enabled override's target first).
+    index = boot_indexes(spec, spec.effective_boot_order())
     ahci_port = 0
     for i, d in enumerate(spec.disks):
         assert d.path is not None and d.format is not None
@@ -216,8 +252,8 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str],
             ahci_port += 1
         else:
             dev = f"virtio-blk-pci,drive={node},id={node}"
-        if (BootDevice.DISK, i) in index:
-            dev += f",bootindex={index[(BootDevice.DISK, i)]}"
+        if node in index:
+            dev += f",bootindex={index[node]}"
         # JSON syntax: no comma escaping of paths needed.
         cmd += ["-blockdev", json.dumps(blockdev(node, d)), "-device", dev]
     for i, n in enumerate(spec.nics):
@@ -225,9 +261,9 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str],
             continue  # hot-added: plugged over QMP
         dev_id, netdev_id = nic_ids(spec, i)
         dev = f"{n.model},netdev={netdev_id},id={dev_id},mac={n.mac}"
-        if (BootDevice.NETWORK, i) in index:
-            dev += f",bootindex={index[(BootDevice.NETWORK, i)]}"
-        else:
+        if dev_id in index:
+            dev += f",bootindex={index[dev_id]}"
+        elif BootDevice.NETWORK not in (*spec.boot_order, spec.boot_override.target):
             dev += ",romfile="  # no PXE option ROM when the NIC never boots
         if n.tapped:
             # The agent made the tap and put it on its bridge (hvagent.drivers.net).
@@ -236,6 +272,26 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str],
         else:
             netdev = f"user,id={netdev_id}"
         cmd += ["-netdev", netdev, "-device", dev]
+    cd = spec.media_in(MediaSlot.CD)
+    if cd is not None:
+        # On the AHCI controller after the sata disks; an empty drive has no medium.
+        dev_id, node = media_ids(MediaSlot.CD)
+        dev = f"ide-cd,id={dev_id},bus=ide.{ahci_port}"
+        if cd.image is not None:
+            cmd += ["-blockdev", json.dumps(media_blockdev(node, cd))]
+            dev += f",drive={node}"
+        if dev_id in index:
+            dev += f",bootindex={index[dev_id]}"
+        cmd += ["-device", dev]
+    usb = spec.media_in(MediaSlot.USB)
+    if usb is not None and usb.image is not None:
+        # A stick exists only with a medium in it (usb-storage needs a drive).
+        dev_id, node = media_ids(MediaSlot.USB)
+        dev = f"usb-storage,id={dev_id},drive={node},removable=on,bus=usbhost.0"
+        if dev_id in index:
+            dev += f",bootindex={index[dev_id]}"
+        cmd += ["-device", "qemu-xhci,id=usbhost",
+                "-blockdev", json.dumps(media_blockdev(node, usb)), "-device", dev]
     if spec.kernel:
         cmd += ["-kernel", spec.kernel]
     if spec.initrd:

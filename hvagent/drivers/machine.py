@@ -38,10 +38,13 @@ from hvagent.drivers.cmdline import (
     OVMF_VARS,
     VMFiles,
     blockdev,
+    boot_indexes,
+    bootable_devices,
     build_command,
     dimm_ids,
     disk_node,
     hotplug_port,
+    media_ids,
     memory_backend_of,
     netdev_of,
     nic_ids,
@@ -58,7 +61,7 @@ from hvagent.drivers.qmp import (
 )
 from hvagent.errors import Conflict, OperationFailed
 from hvagent.host import run
-from hvagent.spec import DimmSpec, Firmware, VMSpec
+from hvagent.spec import BootDevice, DimmSpec, Firmware, MediaSlot, MediaSpec, VMSpec
 
 __all__ = [
     "LAUNCH_QMP_TIMEOUT", "QMP_TIMEOUT", "BlockStats", "Machine", "Machines", "MonitorGone",
@@ -251,6 +254,38 @@ class Machine:
     async def quit(self) -> None:
         """Ask QEMU to exit at once (no guest shutdown)."""
         await self._monitor.command("quit")
+
+    async def inject_nmi(self) -> None:
+        await self._monitor.command("inject-nmi")
+
+    # boot order and removable media
+
+    async def set_boot_order(self, spec: VMSpec, order: list[BootDevice]) -> None:
+        """Renumber the bootindex of the devices fixed at boot for `order`. QEMU writes
+        the firmware's boot order (fw_cfg `bootorder`) at every reset, so the change
+        applies from the next reset on, never to the boot in progress."""
+        index = boot_indexes(spec, order)
+        devices = bootable_devices(spec)
+        # Two devices may not hold the same index, even for a moment: clear all first.
+        for dev in devices:
+            await self._monitor.command("qom-set", {
+                "path": f"/machine/peripheral/{dev}", "property": "bootindex", "value": -1})
+        for dev, i in index.items():
+            await self._monitor.command("qom-set", {
+                "path": f"/machine/peripheral/{dev}", "property": "bootindex", "value": i})
+
+    async def change_medium(self, slot: MediaSlot, media: MediaSpec) -> None:
+        """Put `media`'s image into the running VM's drive (the tray closes again)."""
+        assert media.image is not None
+        dev, _ = media_ids(slot)
+        await self._monitor.command("blockdev-change-medium", {
+            "id": dev, "filename": media.image, "format": "raw",
+            "read-only-mode": "read-only" if media.write_protected else "read-write"})
+
+    async def eject_medium(self, slot: MediaSlot) -> None:
+        """Take the medium out of the running VM's drive, whatever the guest locked."""
+        dev, _ = media_ids(slot)
+        await self._monitor.command("eject", {"id": dev, "force": True})
 
     # vCPUs
 

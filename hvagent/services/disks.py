@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
 from hvagent.disk import image
 from hvagent.disk.errors import DiskError
-from hvagent.errors import Conflict, InvalidRequest, NotFound, OperationFailed
+from hvagent.errors import Conflict, HVError, InvalidRequest, NotFound, OperationFailed
 from hvagent.services import files
 from hvagent.spec import ACTIVE_STATES, DiskFormat, DiskSpec, Firmware, VMSpec
 
@@ -85,6 +85,15 @@ class DiskService:
         """The host file `value` names, if the request's principal may use it as `use`
         for VM `target` (hvagent.services.files.resolve)."""
         return files.resolve(self.vms, value, field, use, target)
+
+    async def capacity(self, path: str, fmt: DiskFormat | None) -> int | None:
+        """The disk's virtual size in bytes (what the guest sees), None when unreadable."""
+        try:
+            info = await asyncio.to_thread(image.image_info, Path(path), fmt,
+                                           force_share=True)
+        except (HVError, OSError):
+            return None
+        return info.virtual_size
 
     def own_disk_path(self, value: str) -> str:
         """`value` spelt as a spec records a disk path (to match a VM's own disks)."""

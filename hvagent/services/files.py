@@ -39,12 +39,15 @@ class Host(Protocol):
     store: Store
 
 
-Use = Literal["disk", "boot"]  # a disk image; a kernel or initrd
+Use = Literal["disk", "boot", "media"]  # a disk image; a kernel or initrd; a CD/stick
+# image inserted read-only (one inserted writable is checked as a disk)
 BOOT_DIR = Path("/boot")
 CHECKPOINTS_SUFFIX = ".checkpoints"  # hvagent.services.checkpoints keeps a VM's files there
+MEDIA_SUFFIX = ".media"  # hvagent.services.media keeps the images it downloaded there
 _ALLOWED = {
     "disk": "an image in the storage directory that the caller may use",
     "boot": "storage directory or library only",
+    "media": "storage directory or library only",
 }
 
 
@@ -82,8 +85,10 @@ def resolve(vms: Host, value: str, field: str, use: Use, target: str) -> Path:
                 raise Conflict(f"{field}: {path} is already attached to {target}")
             if disks:
                 raise Conflict(f"{field}: {path} is in use: a disk of VM {disks[0]}")
-            raise Conflict(f"{field}: {path} is in use: held by a checkpoint of VM "
-                           f"{next(iter(claims))}")
+            vm, how = next(iter(claims.items()))
+            if how == "media":
+                raise Conflict(f"{field}: {path} is in use: a medium of VM {vm}")
+            raise Conflict(f"{field}: {path} is in use: held by a checkpoint of VM {vm}")
         return path
     for lib in admission.policy.library:
         if path.is_relative_to(Path(lib).resolve()):
@@ -99,18 +104,22 @@ def resolve(vms: Host, value: str, field: str, use: Use, target: str) -> Path:
     raise denied
 
 
-def _claims(vms: Host, path: Path) -> dict[str, Literal["disk", "checkpoint"]]:
+def _claims(vms: Host, path: Path) -> dict[str, Literal["disk", "checkpoint", "media"]]:
     """The VMs that `path` (in the storage directory) belongs to, and how: as one of its
     disks, or held by its checkpoints."""
     want = str(path)
     rows = vms.store.list_vms()
     names = {r.name for r in rows}
-    out: dict[str, Literal["disk", "checkpoint"]] = {}
+    out: dict[str, Literal["disk", "checkpoint", "media"]] = {}
     top = path.relative_to(vms.storage_dir).parts[:1]
     if top and top[0].endswith(CHECKPOINTS_SUFFIX):
         vm = top[0].removesuffix(CHECKPOINTS_SUFFIX)
         if vm in names:
             out[vm] = "checkpoint"
+    if top and top[0].endswith(MEDIA_SUFFIX):
+        vm = top[0].removesuffix(MEDIA_SUFFIX)
+        if vm in names:
+            out[vm] = "media"
     for r in rows:
         if want in _disk_paths(VMSpec.model_validate_json(r.spec)):
             out[r.name] = "disk"

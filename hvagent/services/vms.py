@@ -36,6 +36,7 @@ from hvagent.drivers.machine import (
 from hvagent.errors import Busy, Conflict, HVError, InvalidRequest, NotFound, OperationFailed
 from hvagent.host.kvm import AccelChoice, choose_accel
 from hvagent.services.disks import DiskService
+from hvagent.services.files import Use
 from hvagent.services.jobs import Jobs
 from hvagent.services.limits import check_host_limits
 from hvagent.services.networks import NetworkService
@@ -44,6 +45,7 @@ from hvagent.spec import (
     ANSWERING_STATES,
     DEFAULT_STOP_TIMEOUT,
     DiskSpec,
+    MediaSpec,
     VMSpec,
     VMState,
 )
@@ -135,6 +137,9 @@ class VMService:
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
         # (vm, keep_disks) -> files removed; run by delete() before the VM's row goes.
         self.delete_hooks: list[Callable[[str, bool], Awaitable[list[str]]]] = []
+        # (vm, spec, machine) -> spec, run by start() once QEMU is up and paused (a
+        # one-time boot override is spent there: hvagent.services.media).
+        self.launch_hooks: list[Callable[[str, VMSpec, Machine], Awaitable[VMSpec]]] = []
 
     # lifecycle of the service itself
 
@@ -268,7 +273,10 @@ class VMService:
                 spec = settled
             pid = await self.launch_paused(name, spec)
             try:
-                await self.machines.require(name).cont()
+                m = self.machines.require(name)
+                for hook in self.launch_hooks:
+                    spec = await hook(name, spec, m)
+                await m.cont()
             except BaseException:
                 machine.kill(pid)
                 raise
@@ -347,6 +355,15 @@ class VMService:
         return await self._simple(name, Operation.RESUME, Machine.cont, VMState.PAUSED,
                                   VMState.RUNNING)
 
+    async def nmi(self, name: str) -> VMInfo:
+        """Send the guest a non-maskable interrupt (a kernel may dump or panic on it)."""
+        with self.locks.hold(name, "nmi"):
+            row = await self._observe(self._row(name), locked=True)
+            if row.state not in ANSWERING_STATES:
+                raise Conflict(f"{name}: not running (state {row.state})")
+            await self.machines.require(name).inject_nmi()
+        return await self.get(name)
+
     async def reset(self, name: str) -> VMInfo:
         with self.locks.hold(name, Operation.RESET):
             row = await self._observe(self._row(name), locked=True)
@@ -421,7 +438,20 @@ class VMService:
                 raise InvalidRequest(f"{where}.path: {disk.path} is attached twice")
             seen.add(disk.path)
             disks.append(disk)
-        return spec.model_copy(update={"disks": disks, **boot})
+        media: list[MediaSpec] = []
+        for i, m in enumerate(spec.media):
+            if m.image is not None:
+                use: Use = "media" if m.write_protected else "disk"
+                path = str(self.disks.allowed_file(m.image, f"media[{i}].image", use,
+                                                   spec.name))
+                m = m.model_copy(update={"image": path, "source": m.source or m.image})
+            media.append(m)
+        return spec.model_copy(update={"disks": disks, "media": media, **boot})
+
+    def refresh_firmware_files(self, name: str, spec: VMSpec) -> None:
+        """The per-VM firmware files `spec` needs (a UEFI variable store), made when
+        missing; the caller holds the VM's lock."""
+        machine.prepare_files(spec, self.files(name))
 
     def _on_event(self, name: str, event: str, data: dict[str, Any] | None = None) -> None:
         if event in ("SHUTDOWN", "STOP", "RESUME"):
@@ -431,6 +461,10 @@ class VMService:
 
     def _on_lost(self, name: str) -> None:
         self._spawn(self._observe_quietly(name))
+
+    def spawn(self, coro: Any) -> None:
+        """Run `coro` in the background, kept referenced until it ends."""
+        self._spawn(coro)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

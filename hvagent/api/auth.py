@@ -32,9 +32,8 @@ from hvagent.access.privileges import Privilege
 from hvagent.access.security import Security
 from hvagent.api.errors import (
     MUTATING,
-    PROBLEM,
-    PROBLEM_REF,
     PROBLEM_SCHEMA,
+    error_content,
     error_response,
     is_redfish,
 )
@@ -337,7 +336,7 @@ def _document(app: FastAPI) -> None:
                 if code == "422" and code not in responses:
                     continue
                 responses[code] = {"description": text,
-                                   "content": {PROBLEM: {"schema": PROBLEM_REF}}}
+                                   "content": error_content(path)}
         app.openapi_schema = schema
         return schema
 

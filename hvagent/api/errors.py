@@ -41,6 +41,23 @@ PROBLEM_SCHEMA: dict[str, Any] = {
                    "status": {"type": "integer"}, "detail": {"type": "string"}},
 }
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+# Redfish's extended error (DSP0266 "Error responses"), the body of every error under
+# /redfish.
+REDFISH_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["code", "message", "@Message.ExtendedInfo"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                       "@Message.ExtendedInfo": {"type": "array",
+                                                 "items": {"type": "object"}}}}},
+}
+
+
+def error_content(path: str) -> dict[str, Any]:
+    """The OpenAPI `content` of an error answer of the operation at `path`."""
+    if is_redfish(path):
+        return {"application/json": {"schema": {"$ref": "#/components/schemas/RedfishError"}}}
+    return {PROBLEM: {"schema": PROBLEM_REF}}
 # The methods that change something: they can meet a conflict or fail, and every one is
 # audited (hvagent.api.auth).
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -145,6 +162,11 @@ def _declared(path: str, route: APIRoute, method: str) -> dict[str, str]:
         out["409"] = "the object's state or another operation is in the way"
     if method in MUTATING:
         out["500"] = "the hypervisor or the host failed"
+    if is_redfish(path) and method in MUTATING:
+        # Redfish routes read their JSON bodies themselves (Redfish's own error keys);
+        # the login answers 401 to a wrong password.
+        out["400"] = "the request cannot be carried out as asked"
+        out["401"] = "no valid credentials"
     return out
 
 
@@ -159,8 +181,9 @@ def declare(app: FastAPI) -> None:
         schema = build()
         if done:
             return schema
-        schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
-            "Problem", PROBLEM_SCHEMA)
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("Problem", PROBLEM_SCHEMA)
+        schemas.setdefault("RedfishError", REDFISH_ERROR_SCHEMA)
         for path, route in routes(app):
             if not isinstance(route, APIRoute) or not route.include_in_schema:
                 continue
@@ -171,7 +194,13 @@ def declare(app: FastAPI) -> None:
                 responses = op.setdefault("responses", {})
                 for code, text in _declared(path, route, method).items():
                     responses.setdefault(code, {
-                        "description": text, "content": {PROBLEM: {"schema": PROBLEM_REF}}})
+                        "description": text, "content": error_content(path)})
+                if is_redfish(path):
+                    # FastAPI documents its 422 as application/json with its own
+                    # schema; under /redfish the body is the Redfish error.
+                    for code, resp in responses.items():
+                        if code[0] in "45":
+                            resp["content"] = error_content(path)
         done = True
         return schema
 

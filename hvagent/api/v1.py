@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from hvagent.access.privileges import Privilege as P
-from hvagent.api import checkpoints, devices, disks, jobs, networks, policy, vms
+from hvagent.api import checkpoints, devices, disks, jobs, media, networks, policy, vms
 from hvagent.api.auth import require
 from hvagent.api.deps import vms as vms_dep
 from hvagent.api.schemas import AgentInfo, CpuInfo, MemoryInfo, StorageInfo
@@ -25,6 +25,7 @@ router.include_router(checkpoints.router)
 router.include_router(disks.router)
 router.include_router(policy.router)
 router.include_router(networks.router)
+router.include_router(media.router)
 
 
 @router.get("/agent", tags=["agent"], dependencies=[Depends(require(P.SYS_AUDIT, "/"))])

@@ -67,3 +67,26 @@ def test_the_agent_may_replace_its_policy_file_inside_its_sandbox(host: Host) ->
                  f"{shlex.quote(cfg['listen'])} {shlex.quote(policy)}")
     assert r.rc == 0, r.stderr
     assert r.stdout.split() == ["200", "200", "True"], r.stdout
+
+
+@pytest.mark.smoke
+def test_the_redfish_service_answers(host: Host) -> None:
+    """The booted host serves Redfish next to the REST API: the service root, and the
+    host itself as a ComputerSystem that hosts virtual machines."""
+    cfg = yaml.safe_load(host.file("/etc/hvagent/hvagent.yaml").content_string)
+    sock = shlex.quote(cfg["listen"])
+
+    def get(path: str) -> dict[str, object]:
+        # The agent's own Python and httpx (the image has no curl).
+        script = ("import httpx,sys; t=httpx.HTTPTransport(uds=sys.argv[1]); "
+                  "r=httpx.Client(transport=t, timeout=20).get('http://hvagent'+sys.argv[2]); "
+                  "r.raise_for_status(); print(r.text)")
+        out = host.check_output(f"/opt/hvagent/bin/python -c {shlex.quote(script)} {sock} "
+                                f"{shlex.quote(path)}")
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    root = get("/redfish/v1")
+    assert root["@odata.type"] == "#ServiceRoot.v1_20_0.ServiceRoot", root
+    system = get("/redfish/v1/Systems/_host")
+    assert system["HostingRoles"] == ["VirtualMachineServer"], system
+    assert system["PowerState"] == "On"

@@ -76,24 +76,24 @@ def vm_uuid(name: str) -> str:
     return str(uuid.uuid5(_NS, name))
 
 
-# access: a VM's resources are its ACL path's; the host's need Sys.Audit on /
-
-
-def _vm_path(request: Request) -> str | None:
-    sid = request.path_params.get("system_id", "")
-    return None if sid == HOST_ID else f"/vms/{sid}"
+# access: a VM's resources are on its ACL path. The host's system (`_host`) is on
+# /vms/_host, which no VM can be: who may read every VM (a role on /vms or /) reads it.
 
 
 def need(privilege: P) -> Any:
-    """`privilege` on the VM the URL names (the host system: Sys.Audit on / to read)."""
-    host = require(P.SYS_AUDIT, "/") if privilege is P.VM_AUDIT else None
-    return Depends(require(privilege, "/vms/{system_id}", resolve=_vm_path, or_else=host))
+    """`privilege` on the VM the URL names."""
+    return Depends(require(privilege, "/vms/{system_id}"))
 
 
-async def vm_info(svc: VMService, system_id: str) -> VMInfo:
+async def vm_info(svc: VMService, system_id: str, change: bool = False) -> VMInfo:
+    """The VM `system_id` names. The host's system has no such parts (404) and is not
+    changed through Redfish (`change`: 400)."""
     if system_id == HOST_ID:
-        raise RedfishError(405, f"{system_id}: the host is not changed through Redfish",
-                           "OperationNotAllowed")
+        if change:
+            raise RedfishError(400, f"{system_id}: the host is not changed through "
+                               "Redfish", "ActionNotSupported", "change")
+        raise RedfishError(404, f"{system_id}: the host's system has no such resource",
+                           "ResourceNotFound", "Resource", system_id)
     try:
         return await svc.get(system_id)
     except NotFound:
@@ -201,7 +201,7 @@ PATCHABLE = {"Boot", "ProcessorSummary", "MemorySummary"}
 
 @router.patch("/{system_id}", dependencies=[need(P.VM_CONFIG_OPTIONS)])
 async def patch_system(system_id: SystemId, request: Request, svc: Service) -> Response:
-    info = await vm_info(svc, system_id)
+    info = await vm_info(svc, system_id, change=True)
     body = await json_body(request, PATCHABLE, "a ComputerSystem")
     check_if_match(request, render_vm(info))
     name = info.name
@@ -290,7 +290,7 @@ async def _patch_boot(media: MediaService, info: VMInfo, part: dict[str, Any]) -
 @router.post("/{system_id}/Actions/ComputerSystem.Reset",
              dependencies=[need(P.VM_POWERMGMT)])
 async def reset_system(system_id: SystemId, request: Request, svc: Service) -> Response:
-    info = await vm_info(svc, system_id)
+    info = await vm_info(svc, system_id, change=True)
     body = await json_body(request, {"ResetType"}, "ComputerSystem.Reset")
     kind = body.get("ResetType", "On")
     if kind not in RESET_TYPES:

@@ -19,6 +19,7 @@ from hvagent.cli.hvctl import (
     fleet,
     host,
     hosts,
+    media,
     networks,
     vms,
 )
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     vm = top.add_parser("vm", help="child VMs").add_subparsers(dest="vm_command", required=True)
     vms.add_parsers(vm)
     devices.add_parsers(vm)
+    media.add_parsers(vm)
     disks.add_vm_parsers(vm)
     audit.add_parsers(top)
     checkpoints.add_parsers(top)

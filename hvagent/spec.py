@@ -366,6 +366,8 @@ class VMSpec(BaseModel):
     max_memory_mib: int | None = Field(default=None, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
     memory_slots: int | None = Field(default=None, ge=0, le=MAX_MEMORY_SLOTS)
     firmware: Firmware = Firmware.BIOS
+    secure_boot: bool = Field(default=False, description=(
+        "UEFI Secure Boot with Microsoft's keys enrolled (firmware uefi)"))
     disks: list[DiskSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     boot_order: list[BootDevice] = Field(default_factory=lambda: [BootDevice.DISK])
@@ -432,6 +434,8 @@ class VMSpec(BaseModel):
         macs = [n.mac for n in self.nics]
         if len(set(macs)) != len(macs):
             raise cross_field("two NICs have the same MAC address")
+        if self.secure_boot and self.firmware is not Firmware.UEFI:
+            raise cross_field("secure_boot needs firmware uefi")
         slots = [m.slot for m in self.media]
         if len(set(slots)) != len(slots):
             raise cross_field("media: at most one drive per slot")

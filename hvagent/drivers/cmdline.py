@@ -32,6 +32,15 @@ from hvagent.spec import (
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot: the SMM-protected build, and a variable store with Microsoft's keys enrolled
+# (Debian's shim and the guests that boot on PCs boot under it).
+OVMF_CODE_SECURE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_SECURE = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+
+
+def ovmf_vars_template(spec: VMSpec) -> Path:
+    """The variable store a UEFI VM starts from."""
+    return OVMF_VARS_SECURE if spec.secure_boot else OVMF_VARS
 # CPU features that give a guest hardware virtualization (AMD, Intel).
 NESTED_FEATURES = ("svm", "vmx")
 
@@ -210,7 +219,8 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str],
     assert spec.max_vcpus is not None and spec.max_memory_mib is not None
     cmd = [
         QEMU, "-name", f"{spec.name},debug-threads=on",
-        "-machine", "q35", "-nodefaults", "-no-user-config", "-display", "none",
+        "-machine", "q35,smm=on" if spec.secure_boot else "q35", "-nodefaults",
+        "-no-user-config", "-display", "none",
         *cpu_args(accel_args, nested),
         # Hot-added vCPUs and DIMMs are not on the command line: Machine.replay plugs
         # them again (like slotted disks and NICs) while QEMU waits (-S).
@@ -234,10 +244,14 @@ def build_command(spec: VMSpec, files: VMFiles, accel_args: list[str],
     for i in range(spec.hotplug_ports):
         cmd += ["-device", f"pcie-root-port,id={hotplug_port(i)},chassis={i + 1},bus=pcie.0"]
     if spec.firmware is Firmware.UEFI:
+        code = OVMF_CODE_SECURE if spec.secure_boot else OVMF_CODE
         cmd += [
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={files.efivars}",
         ]
+        if spec.secure_boot:
+            # Only SMM code may write the variable store: a guest cannot enroll keys.
+            cmd += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     # bootindex follows the boot order (an enabled override's target first).
     index = boot_indexes(spec, spec.effective_boot_order())
     ahci_port = 0

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hvagent.drivers.cmdline import (
-    OVMF_VARS,
     VMFiles,
     blockdev,
     boot_indexes,
@@ -48,6 +47,7 @@ from hvagent.drivers.cmdline import (
     memory_backend_of,
     netdev_of,
     nic_ids,
+    ovmf_vars_template,
     settle_pending,
     tap_netdev,
     without,
@@ -66,7 +66,8 @@ from hvagent.spec import BootDevice, DimmSpec, Firmware, MediaSlot, MediaSpec, V
 __all__ = [
     "LAUNCH_QMP_TIMEOUT", "QMP_TIMEOUT", "BlockStats", "Machine", "Machines", "MonitorGone",
     "MonitorUnresponsive", "VMFiles", "build_command", "is_alive", "kill", "launch",
-    "prepare_files", "process_cpu_seconds", "read_pid", "remove_files", "settle_pending",
+    "prepare_files", "process_cpu_seconds", "read_pid", "remove_files", "reset_efivars",
+    "settle_pending",
     "tail", "without",
 ]
 
@@ -96,9 +97,16 @@ def prepare_files(spec: VMSpec, files: VMFiles) -> None:
     """Per-VM persistent files made at create time (UEFI variable store)."""
     files.state_dir.mkdir(parents=True, exist_ok=True)
     if spec.firmware is Firmware.UEFI and not files.efivars.exists():
-        tmp = files.efivars.with_suffix(".tmp")
-        shutil.copyfile(OVMF_VARS, tmp)
-        os.replace(tmp, files.efivars)
+        reset_efivars(spec, files)
+
+
+def reset_efivars(spec: VMSpec, files: VMFiles) -> None:
+    """A fresh UEFI variable store for `spec` (with the Secure Boot keys when it boots
+    securely); the VM's own boot entries are lost."""
+    files.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = files.efivars.with_suffix(".tmp")
+    shutil.copyfile(ovmf_vars_template(spec), tmp)
+    os.replace(tmp, files.efivars)
 
 
 def remove_files(files: VMFiles) -> None:

@@ -175,9 +175,12 @@ class MediaService:
     async def set_boot(self, name: str, *, target: BootDevice | None = None,
                        enabled: BootEnabled | None = None, firmware: Firmware | None = None,
                        http_boot_uri: str | None = None, set_uri: bool = False,
-                       uefi_http: bool | None = None) -> VMSpec:
-        """Change the VM's boot override (and firmware, VM off only). On a running VM
-        the new order applies from the guest's next reboot."""
+                       uefi_http: bool | None = None,
+                       secure_boot: bool | None = None) -> VMSpec:
+        """Change the VM's boot override (and firmware or Secure Boot, VM off only). On
+        a running VM the new order applies from the guest's next reboot. Turning Secure
+        Boot on or off starts the VM's UEFI variables afresh (with or without the
+        keys)."""
         vms = self.vms
         with vms.locks.hold(name, "set-boot"):
             spec, state = self._spec_state(name)
@@ -197,15 +200,25 @@ class MediaService:
             if fw != spec.firmware and live:
                 raise Conflict(f"{name}: is {state}: the boot mode (firmware) changes only "
                                "while the VM is off")
-            new = spec.model_copy(update={"boot_override": new_o, "firmware": fw})
+            sb = spec.secure_boot if secure_boot is None else secure_boot
+            if fw is Firmware.BIOS and secure_boot is None:
+                sb = False  # Legacy boot has no Secure Boot
+            if sb != spec.secure_boot and live:
+                raise Conflict(f"{name}: is {state}: Secure Boot changes only while the "
+                               "VM is off")
+            if sb and fw is not Firmware.UEFI:
+                raise InvalidRequest("SecureBootEnable: Secure Boot needs UEFI firmware "
+                                     "(BootSourceOverrideMode UEFI)")
+            new = spec.model_copy(update={"boot_override": new_o, "firmware": fw,
+                                          "secure_boot": sb})
             _check_target(new)
             if live:
                 if state not in ANSWERING_STATES:
                     raise Conflict(f"{name}: its QMP monitor does not answer")
                 await (await vms.machine(name)).set_boot_order(
                     new, new.effective_boot_order())
-            if fw != spec.firmware:
-                vms.refresh_firmware_files(name, new)
+            if fw != spec.firmware or sb != spec.secure_boot:
+                vms.refresh_firmware_files(name, new, fresh=sb != spec.secure_boot)
             vms.store.update_vm(name, spec=new.model_dump_json())
             return new
 

@@ -45,6 +45,7 @@ from hvagent.spec import (
     ANSWERING_STATES,
     DEFAULT_STOP_TIMEOUT,
     DiskSpec,
+    Firmware,
     MediaSpec,
     VMSpec,
     VMState,
@@ -448,9 +449,11 @@ class VMService:
             media.append(m)
         return spec.model_copy(update={"disks": disks, "media": media, **boot})
 
-    def refresh_firmware_files(self, name: str, spec: VMSpec) -> None:
+    def refresh_firmware_files(self, name: str, spec: VMSpec, fresh: bool = False) -> None:
         """The per-VM firmware files `spec` needs (a UEFI variable store), made when
-        missing; the caller holds the VM's lock."""
+        missing (`fresh`: made again); the caller holds the VM's lock."""
+        if fresh and spec.firmware is Firmware.UEFI:
+            machine.reset_efivars(spec, self.files(name))
         machine.prepare_files(spec, self.files(name))
 
     def _on_event(self, name: str, event: str, data: dict[str, Any] | None = None) -> None:

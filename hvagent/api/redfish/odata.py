@@ -29,6 +29,7 @@ SCHEMAS: dict[str, str] = {
     "VirtualMedia": "v1_6_5", "TaskService": "v1_3_0", "Task": "v1_7_4",
     "SessionService": "v1_2_0", "Session": "v1_8_0", "AccountService": "v1_18_1",
     "ManagerAccount": "v1_14_1", "Role": "v1_3_3", "Message": "v1_3_0",
+    "SecureBoot": "v1_1_2",
 }
 # Collections (unversioned schemas) served.
 COLLECTIONS = ("ComputerSystemCollection", "ManagerCollection", "ChassisCollection",

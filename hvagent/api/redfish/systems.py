@@ -150,6 +150,8 @@ def render_vm(info: VMInfo) -> dict[str, Any]:
         Processors=ref(f"{path}/Processors"), Memory=ref(f"{path}/Memory"),
         EthernetInterfaces=ref(f"{path}/EthernetInterfaces"),
         Storage=ref(f"{path}/Storage"), VirtualMedia=ref(f"{path}/VirtualMedia"),
+        **({"SecureBoot": ref(f"{path}/SecureBoot")}
+           if spec.firmware is Firmware.UEFI else {}),
         Links={"ManagedBy": [ref(f"{ROOT}/Managers/{info.name}")],
                "HostingComputerSystem": ref(system_path(HOST_ID))},
         Actions={"#ComputerSystem.Reset": {
@@ -597,3 +599,45 @@ async def system_eject(system_id: SystemId, media_id: Annotated[str, Path(max_le
     info = await vm_info(svc, system_id)
     await media_service(request).eject(info.name, media_slot(media_id))
     return no_content()
+
+
+# SecureBoot (UEFI VMs)
+
+
+def secure_boot_view(info: VMInfo) -> dict[str, Any]:
+    spec = info.spec
+    on = info.state in (VMState.RUNNING, VMState.PAUSED) and spec.secure_boot
+    return resource(f"{system_path(info.name)}/SecureBoot", "SecureBoot", "SecureBoot",
+                    "UEFI Secure Boot", SecureBootEnable=spec.secure_boot,
+                    SecureBootCurrentBoot="Enabled" if on else "Disabled",
+                    # The variable store carries Microsoft's keys (deployed); without
+                    # Secure Boot the plain store has none (setup mode).
+                    SecureBootMode="DeployedMode" if spec.secure_boot else "SetupMode")
+
+
+async def _uefi_vm(svc: VMService, system_id: str, change: bool = False) -> VMInfo:
+    info = await vm_info(svc, system_id, change)
+    if info.spec.firmware is not Firmware.UEFI:
+        raise RedfishError(404, f"{system_id}: a Legacy (BIOS) VM has no Secure Boot",
+                           "ResourceNotFound", "SecureBoot", system_id)
+    return info
+
+
+@router.get("/{system_id}/SecureBoot", dependencies=[need(P.VM_AUDIT)])
+async def get_secure_boot(system_id: SystemId, svc: Service) -> Response:
+    return answer(secure_boot_view(await _uefi_vm(svc, system_id)))
+
+
+@router.patch("/{system_id}/SecureBoot", dependencies=[need(P.VM_CONFIG_OPTIONS)])
+async def patch_secure_boot(system_id: SystemId, request: Request, svc: Service) -> Response:
+    info = await _uefi_vm(svc, system_id, change=True)
+    body = await json_body(request, {"SecureBootEnable"}, "SecureBoot")
+    check_if_match(request, secure_boot_view(info))
+    if "SecureBootEnable" in body:
+        on = body["SecureBootEnable"]
+        if not isinstance(on, bool):
+            raise RedfishError(400, "SecureBootEnable: must be true or false",
+                               "PropertyValueTypeError", str(on), "SecureBootEnable")
+        if on != info.spec.secure_boot:
+            await media_service(request).set_boot(info.name, secure_boot=on)
+    return answer(secure_boot_view(await svc.get(info.name)))

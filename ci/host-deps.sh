@@ -17,6 +17,8 @@ PKGS=(
   busybox-static cpio iproute2 socat
   # the metrics test scrapes the agent with a real Prometheus server
   prometheus
+  # the Redfish virtual-media test's bootable ISO
+  xorriso isolinux syslinux-common
 )
 
 missing=()

@@ -3,6 +3,9 @@ initramfs whose init reports its state on the serial console.
 
 Serial protocol (one line each, stable for tests to parse):
   `TINY-BOOT ok`                       once, when init is up and the modules are loaded
+  `TINY-TAG TAG`                       once, right after `TINY-BOOT ok`, with
+                                       `tiny_tag=TAG` on the kernel command line (TAG:
+                                       letters, digits, `._-`): which boot this was
   `TINY cpus=N memkb=N disks=vda,vdb nics=eth0 counter=N`
                                        every ~0.5 s; `counter` lives in guest memory, so a
                                        memory revert shows as a counter going back
@@ -44,7 +47,8 @@ Init onlines hot-added CPUs and memory blocks, and powers off on the ACPI power 
 
 Use `append()` as the kernel command line. For memory hotplug pass
 `append(memory_hotplug=True)` (adds memhp_default_state=online_movable); the network
-switches above are `append(ip=, ping=, dhcp=, resolve=, tcp=, vlans=, forward=, routes=)`.
+switches above are `append(ip=, ping=, dhcp=, resolve=, tcp=, vlans=, forward=, routes=)`,
+the tag is `append(tag=)`.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ BUSYBOX = Path("/bin/busybox")
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev",
                   "pvpanic_mmio", "8021q")
 BOOT_MARKER = "TINY-BOOT ok"
+TAG_PATTERN = "A-Za-z0-9._-"  # what a tag may hold: one shell `[...]` class, one regex
+TAG_RE = re.compile(rf"TINY-TAG (?P<tag>[{TAG_PATTERN}]+)")
 POWEROFF_MARKER = "TINY-POWEROFF"
 PANIC_MARKER = "TINY-PANIC"
 PING_RE = re.compile(r"TINY-PING peer=(?P<peer>[0-9.]+) (?P<result>ok|fail)")
@@ -127,13 +133,15 @@ else
   echo "TINY-WARNING no ACPI power button"
 fi
 echo "TINY-BOOT ok"
+cmdline=" $(cat /proc/cmdline) "
+arg() { echo "$cmdline" | sed -n "s/.* $1=\([$2]*\) .*/\1/p"; }
+flag() { case "$cmdline" in *" $1 "*) return 0 ;; esac; return 1; }
+tiny_tag=$(arg tiny_tag @TAG_PATTERN@)
+if [ -n "$tiny_tag" ]; then echo "TINY-TAG $tiny_tag"; fi
 
 # Networking, see the module docstring: vlans, tiny_ip or tiny_dhcp, routes, then rounds
 # of pings (tiny_ping=IP,...), lookups (tiny_resolve=NAME,...) and TCP checks
 # (tiny_tcp=IP:PORT,...).
-cmdline=" $(cat /proc/cmdline) "
-arg() { echo "$cmdline" | sed -n "s/.* $1=\([$2]*\) .*/\1/p"; }
-flag() { case "$cmdline" in *" $1 "*) return 0 ;; esac; return 1; }
 tiny_ip=$(arg tiny_ip 0-9./)
 tiny_ping=$(arg tiny_ping 0-9.,)
 tiny_vlans=$(arg tiny_vlans 0-9.:/,)
@@ -255,7 +263,7 @@ while true; do
   fi
   sleep 0.5
 done
-"""
+""".replace("@TAG_PATTERN@", TAG_PATTERN)
 
 # busybox udhcpc runs this on its events (-s): apply the lease to eth0 and leave it in
 # /tmp/dhcp.env for init to report.
@@ -303,11 +311,14 @@ class TinyGuest:
                ping: Sequence[str] = (), *, dhcp: bool = False,
                resolve: Sequence[str] = (), tcp: Sequence[str] = (),
                vlans: Mapping[int, str] | None = None, forward: bool = False,
-               routes: Mapping[str, str] | None = None) -> str:
+               routes: Mapping[str, str] | None = None, tag: str | None = None) -> str:
         """The kernel command line. `ip` ("ADDR/PREFIX") or `dhcp` configure eth0;
         `ping` (IPs), `resolve` (names) and `tcp` ("IP:PORT") are checked every round;
         `vlans` maps a VLAN id to the "ADDR/PREFIX" of eth0.VID; `forward` makes the
-        guest route; `routes` maps "DEST/PREFIX" to the gateway IP."""
+        guest route; `routes` maps "DEST/PREFIX" to the gateway IP; `tag` is echoed
+        once as `TINY-TAG TAG` (ValueError unless letters, digits and `._-`)."""
+        if tag is not None and not re.fullmatch(f"[{TAG_PATTERN}]+", tag):
+            raise ValueError(f"tiny guest tag {tag!r}: only letters, digits and ._-")
         args = "console=ttyS0 quiet loglevel=1"
         if ip:
             args += f" tiny_ip={ip}"
@@ -325,6 +336,8 @@ class TinyGuest:
             args += " tiny_forward"
         if routes:
             args += " tiny_route=" + ",".join(f"{d}:{g}" for d, g in routes.items())
+        if tag is not None:
+            args += f" tiny_tag={tag}"
         return args + (" memhp_default_state=online_movable" if memory_hotplug else "")
 
 
@@ -431,6 +444,12 @@ def build(dest: Path, cache: Path = KERNEL_CACHE) -> TinyGuest:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return TinyGuest(kernel=kernel, initrd=initrd)
+
+
+def parse_tag(serial_log: str) -> str | None:
+    """The tag of a serial log's `TINY-TAG` line (the first), None when there is none (yet)."""
+    m = TAG_RE.search(serial_log)
+    return m["tag"] if m else None
 
 
 def parse_pings(serial_log: str) -> list[tuple[str, bool]]:

@@ -13,8 +13,8 @@ PKGS=(
   grub-efi-amd64-bin ipxe
   # offline disk tooling
   mtools e2tools fuse3 qemu-block-extra zstd
-  # tiny test guests and network tests
-  busybox-static cpio iproute2 socat
+  # tiny test guests and network tests (the agent's nat/isolated networks: dnsmasq, nft)
+  busybox-static cpio iproute2 socat dnsmasq-base nftables
   # the metrics test scrapes the agent with a real Prometheus server
   prometheus
   # the Redfish virtual-media test's bootable ISO

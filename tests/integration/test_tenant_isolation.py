@@ -158,6 +158,9 @@ VM_ROUTES: list[RouteCall] = [
     ("GET", "/vms/{vm}/disks/0/files", {"params": {"path": "/hello"}}),
     ("DELETE", "/vms/{vm}/disks/0/files", {"params": {"path": "/hello"}}),
     ("POST", "/vms/{vm}/disks/0/dirs", {"params": {"path": "/d"}}),
+    ("PUT", "/vms/{vm}/media/cd", {"json": {"image": "loose.qcow2"}}),
+    ("DELETE", "/vms/{vm}/media/cd", {}),
+    ("PUT", "/vms/{vm}/boot", {"json": {"target": "network", "enabled": "once"}}),
     ("POST", "/vms/{vm}/start", {}),
     ("POST", "/vms/{vm}/stop", {"json": {"force": True}}),
     ("POST", "/vms/{vm}/pause", {}),
@@ -169,7 +172,7 @@ VM_ROUTES: list[RouteCall] = [
 
 def _route_key(method: str, path: str) -> tuple[str, str]:
     generic = (path.replace("{vm}", "{name}").replace("/x1", "/{checkpoint}")
-               .replace("/disks/0/", "/disks/{index}/"))
+               .replace("/disks/0/", "/disks/{index}/").replace("/media/cd", "/media/{slot}"))
     return method, "/api/v1" + generic
 
 
@@ -211,6 +214,38 @@ def test_every_route_on_another_principals_vm_is_403_and_changes_nothing(
                 assert r.json()["detail"].startswith(f"{who} lacks "), r.text
         assert _state(env, victim) == before
     assert {"iso-dave", "iso-dave2"} <= env.vms()
+
+
+# The same VMs through Redfish: its routes name the VM as the System (and its Manager).
+REDFISH_ROUTES: list[RouteCall] = [
+    ("GET", "/Systems/{vm}", {}),
+    ("PATCH", "/Systems/{vm}", {"json": {"ProcessorSummary": {"Count": 2}}}),
+    ("POST", "/Systems/{vm}/Actions/ComputerSystem.Reset", {"json": {"ResetType": "On"}}),
+    ("GET", "/Systems/{vm}/Storage/disks/Drives/disk0", {}),
+    ("POST", "/Systems/{vm}/VirtualMedia/Cd/Actions/VirtualMedia.InsertMedia",
+     {"json": {"Image": "loose.qcow2"}}),
+    ("POST", "/Managers/{vm}/VirtualMedia/Cd/Actions/VirtualMedia.InsertMedia",
+     {"json": {"Image": "loose.qcow2"}}),
+    ("GET", "/Managers/{vm}", {}),
+]
+
+
+@pytest.mark.parametrize("who", ["carol", "tina", "nobody", "pat"])
+def test_redfish_on_another_principals_vm_is_403_and_changes_nothing(
+        env: Env, who: str) -> None:
+    for victim in ("iso-dave", "iso-dave2"):
+        before = _state(env, victim)
+        with env.client(who) as c:
+            for method, path, kw in REDFISH_ROUTES:
+                url = env.agent.url + "/redfish/v1" + path.format(vm=victim)
+                r = c.request(method, url, **kw)
+                assert r.status_code == 403, (who, method, path, r.text)
+                assert r.json()["error"]["message"].startswith(f"{who} lacks "), r.text
+            listed = c.get(env.agent.url + "/redfish/v1/Systems")
+            if listed.status_code == 200:
+                ids = [m["@odata.id"] for m in listed.json()["Members"]]
+                assert f"/redfish/v1/Systems/{victim}" not in ids, ids
+        assert _state(env, victim) == before
 
 
 def test_a_token_without_a_role_can_do_nothing(env: Env) -> None:
